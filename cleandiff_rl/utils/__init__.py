@@ -1,0 +1,6 @@
+"""Small shared helpers: devices, seeding, atomic checkpoints, logging."""
+
+from cleandiff_rl.utils.checkpoint import atomic_save, load_checkpoint
+from cleandiff_rl.utils.misc import resolve_device, seed_everything
+
+__all__ = ["atomic_save", "load_checkpoint", "resolve_device", "seed_everything"]

@@ -1,0 +1,372 @@
+"""The diffusion core against closed forms: schedules, grids, every solver, guidance, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from analytic import exact_model, fit_order, ode_endpoint
+from cleandiff_rl.diffusion import (
+    DDIM,
+    SOLVERS,
+    DiffusionModel,
+    PredictorCorrector,
+    discrete_vp_cosine,
+    discrete_vp_linear,
+    get_solver,
+    make_schedule,
+    time_grid,
+)
+
+M, S = 0.5, 0.3
+ODE_SOLVERS = [n for n in SOLVERS if not get_solver(n).stochastic]
+SDE_SOLVERS = [n for n in SOLVERS if get_solver(n).stochastic]
+FIRST_ORDER = ["ddim", "ode_dpmsolver_1", "ode_dpmsolver++_1"]
+HIGHER_ORDER = ["ode_dpmsolver_2M", "ode_dpmsolver++_2M", "heun", "pndm"]
+# Grids on which the first network level approaches the data as steps grow (see README, "Solvers").
+ORDER_SETTINGS = [("discrete", "cosine", "logsnr"), ("continuous", "ve", "logsnr")]
+
+
+# ---- schedules ----------------------------------------------------------------------------------
+
+
+def test_discrete_vp_matches_dql_numbers():
+    # reference_hyperparameters.md section 8: VP, T = 5, beta_min 0.1, beta_max 10.
+    abar = discrete_vp_linear(5, 0.1, 10.0).alphas_cumprod
+    assert torch.allclose(abar, torch.tensor([0.8041, 0.4352, 0.1585, 0.0389, 0.0064], dtype=abar.dtype), atol=1e-4)
+
+
+def test_discrete_cosine_matches_diffuser_numbers():
+    abar = discrete_vp_cosine(20).alphas_cumprod
+    assert 1 - abar[0] == pytest.approx(0.0080, abs=1e-4)
+    assert abar[-1] == pytest.approx(6.1e-6, rel=0.02)
+
+
+@pytest.mark.parametrize("time,name", [("discrete", "linear"), ("discrete", "cosine"), ("continuous", "linear"),
+                                       ("continuous", "cosine"), ("continuous", "ve")])
+def test_schedule_identities_and_log_snr_inverse(time, name):
+    sched = make_schedule(time, name, diffusion_steps=100)
+    t = torch.arange(0, 100, 7) if time == "discrete" else torch.linspace(1e-3, 1.0, 15, dtype=torch.float64)
+    alpha, sigma, lam = sched.alpha(t), sched.sigma(t), sched.log_snr(t)
+    assert torch.allclose(lam, torch.log(alpha / sigma))
+    if name == "ve":
+        assert torch.all(alpha == 1)
+    else:
+        assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(alpha))
+    assert torch.allclose(sched.t_from_log_snr(lam).double(), t.double(), atol=1e-6)
+    clean = torch.tensor(sched.t_clean, dtype=torch.long if time == "discrete" else torch.float64)
+    if name != "ve":
+        assert sched.sigma(clean) == 0 and sched.log_snr(clean) == math.inf
+
+
+def test_discrete_schedule_rejects_float_times():
+    with pytest.raises(TypeError, match="integer step indices"):
+        make_schedule("discrete", "cosine", 10).alpha(torch.tensor([0.5]))
+
+
+def test_bad_schedule_names():
+    with pytest.raises(ValueError, match="valid: linear, cosine, ve"):
+        make_schedule("continuous", "sigmoid")
+    with pytest.raises(ValueError, match="continuous-time only"):
+        make_schedule("discrete", "ve")
+
+
+# ---- time grids ---------------------------------------------------------------------------------
+
+
+def test_uniform_discrete_grid_is_trailing():
+    sched = make_schedule("discrete", "linear", 1000)
+    assert time_grid(sched, 10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99, -1]
+
+
+@pytest.mark.parametrize("step_schedule", ["uniform", "quad", "logsnr"])
+def test_discrete_grids_have_distinct_indices_for_every_step_count(step_schedule):
+    sched = make_schedule("discrete", "cosine", 20)
+    for steps in range(1, 21):
+        grid = time_grid(sched, steps, step_schedule)
+        assert len(grid) == steps + 1 and grid[0] == 19 and grid[-1] == -1
+        assert all(a > b for a, b in zip(grid, grid[1:]))
+    with pytest.raises(ValueError, match="at most 20 steps"):
+        time_grid(sched, 21, step_schedule)
+
+
+def test_continuous_grids_end_at_clean_time():
+    sched = make_schedule("continuous", "cosine")
+    for step_schedule in ("uniform", "quad", "logsnr"):
+        grid = time_grid(sched, 7, step_schedule)
+        assert grid[0] == 1.0 and grid[-1] == 0.0 and all(a > b for a, b in zip(grid, grid[1:]))
+    with pytest.raises(ValueError, match="valid: uniform, quad, logsnr"):
+        time_grid(sched, 5, "karras")
+
+
+# ---- solvers on the analytic Gaussian score -----------------------------------------------------
+
+
+def test_unknown_solver_lists_valid_names():
+    model = exact_model("continuous", "linear", "eps")
+    with pytest.raises(ValueError) as err:
+        model.sample(torch.zeros(2, 2), solver="euler_ancestral")
+    assert all(name in str(err.value) for name in SOLVERS)
+
+
+def test_solver_names_cover_the_cross_solver_ten():
+    ten = ["ddpm", "ddim", "ode_dpmsolver_1", "ode_dpmsolver_2M", "sde_dpmsolver_1", "sde_dpmsolver_2M",
+           "ode_dpmsolver++_1", "ode_dpmsolver++_2M", "sde_dpmsolver++_1", "sde_dpmsolver++_2M"]
+    assert list(SOLVERS[:10]) == ten and DiffusionModel.solvers == SOLVERS
+
+
+def _ode_error(model, solver, steps, step_schedule, n=512):
+    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x, log = model.sample(torch.zeros(n, 2, dtype=torch.float64), solver=solver, steps=steps,
+                          step_schedule=step_schedule, x_T=x_T)
+    levels, _ = model.plan(get_solver(solver), steps, step_schedule)
+    return (x - ode_endpoint(x_T, levels, M, S)).abs().mean().item(), log["nfe"]
+
+
+@pytest.fixture(autouse=False)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("predict", ["eps", "x0"])
+@pytest.mark.parametrize("time,schedule,step_schedule", ORDER_SETTINGS)
+def test_ode_solvers_converge_with_their_order(float64, time, schedule, step_schedule, predict):
+    model = exact_model(time, schedule, predict)
+    for solver in FIRST_ORDER + HIGHER_ORDER:
+        runs = [_ode_error(model, solver, steps, step_schedule) for steps in (16, 32, 64, 128)]
+        errors, nfes = [r[0] for r in runs], [r[1] for r in runs]
+        order = fit_order(nfes, errors)
+        if solver in FIRST_ORDER:
+            assert 0.85 < order < 1.15, (solver, order, errors)
+            assert errors[-1] < 2e-2
+        else:
+            assert 1.6 < order < 3.2, (solver, order, errors)
+            assert errors[-1] < 5e-4, (solver, errors)
+
+
+@pytest.mark.parametrize("time,schedule", [("discrete", "linear"), ("continuous", "cosine")])
+def test_eps_and_x0_forms_of_the_exact_network_agree(float64, time, schedule):
+    x_T = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    for solver in ODE_SOLVERS:
+        out = [exact_model(time, schedule, p).sample(torch.zeros(64, 3), solver=solver, steps=10, x_T=x_T)[0]
+               for p in ("eps", "x0")]
+        assert torch.allclose(out[0], out[1], atol=1e-9), solver
+
+
+def test_first_order_solvers_are_the_same_map(float64):
+    model = exact_model("continuous", "linear", "eps")
+    x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(2))
+    ref = model.sample(torch.zeros(32, 2), solver="ddim", steps=7, x_T=x_T)[0]
+    for solver in ("ode_dpmsolver_1", "ode_dpmsolver++_1"):
+        assert torch.allclose(model.sample(torch.zeros(32, 2), solver=solver, steps=7, x_T=x_T)[0], ref)
+    # DDPM's ancestral step is SDE-DPM-Solver++1 (same noise draws, same result).
+    a, b = (model.sample(torch.zeros(32, 2), solver=name, steps=7, x_T=x_T, generator=torch.Generator().manual_seed(3))[0]
+            for name in ("ddpm", "sde_dpmsolver++_1"))
+    assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("time,schedule", [("discrete", "linear"), ("continuous", "cosine")])
+@pytest.mark.parametrize("solver", SDE_SOLVERS + [DDIM(eta=0.5), PredictorCorrector(snr=0.05, corrector_steps=2)])
+def test_stochastic_solvers_sample_the_data_distribution(time, schedule, solver):
+    model = exact_model(time, schedule, "eps")
+    x, _ = model.sample(torch.zeros(20000, 2), solver=solver, steps=400, generator=torch.Generator().manual_seed(0))
+    assert abs(x.mean().item() - M) < 0.01 and abs(x.std().item() - S) < 0.01, (x.mean(), x.std())
+
+
+@pytest.mark.parametrize("time,schedule", [("discrete", "cosine"), ("discrete", "linear"), ("continuous", "linear"),
+                                           ("continuous", "cosine"), ("continuous", "ve")])
+@pytest.mark.parametrize("predict", ["eps", "x0"])
+def test_every_solver_is_finite_down_to_sigma_zero(time, schedule, predict):
+    model = exact_model(time, schedule, predict)
+    for solver in SOLVERS:
+        for steps in (1, 2, 3, 5):
+            for step_schedule in ("uniform", "quad", "logsnr"):
+                x, log = model.sample(torch.zeros(16, 2), solver=solver, steps=steps, step_schedule=step_schedule,
+                                      generator=torch.Generator().manual_seed(0))
+                assert torch.isfinite(x).all(), (solver, steps, step_schedule)
+                assert len(log["t"]) == steps + 1 and log["t"][-1] == model.schedule.t_clean
+
+
+@pytest.mark.parametrize("solver,steps,nfe", [("ddim", 10, 10), ("ode_dpmsolver++_2M", 5, 5), ("heun", 10, 19),
+                                               ("pc", 10, 19), ("pndm", 2, 5), ("pndm", 10, 19),
+                                               (PredictorCorrector(corrector_steps=2), 4, 10)])
+def test_nfe_counts_network_calls(solver, steps, nfe):
+    model = exact_model("continuous", "linear", "eps")
+    calls = []
+    original = model.model_ema["diffusion"].forward
+    model.model_ema["diffusion"].forward = lambda *a: calls.append(1) or original(*a)
+    _, log = model.sample(torch.zeros(4, 2), solver=solver, steps=steps)
+    assert log["nfe"] == len(calls) == nfe
+
+
+def test_ode_sampling_is_deterministic_given_x_T_and_sde_given_generator():
+    model = exact_model("continuous", "cosine", "x0")
+    x_T = torch.randn(8, 2)
+    a = model.sample(torch.zeros(8, 2), solver="ode_dpmsolver++_2M", steps=6, x_T=x_T)[0]
+    assert torch.equal(a, model.sample(torch.zeros(8, 2), solver="ode_dpmsolver++_2M", steps=6, x_T=x_T)[0])
+    b, c = (model.sample(torch.zeros(8, 2), solver="sde_dpmsolver++_2M", steps=6,
+                         generator=torch.Generator().manual_seed(5))[0] for _ in range(2))
+    assert torch.equal(b, c)
+
+
+# ---- guidance -----------------------------------------------------------------------------------
+
+
+class ConditionalMLP(nn.Module):
+    """Small backbone whose output depends on x, t and the condition."""
+
+    def __init__(self, x_dim: int = 2, cond_dim: int = 3):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(x_dim + 1 + cond_dim, 32), nn.Mish(), nn.Linear(32, x_dim))
+        self.cond_dim = cond_dim
+
+    def forward(self, x, t, condition=None):
+        if condition is None:
+            condition = torch.zeros(x.shape[0], self.cond_dim)
+        return self.net(torch.cat([x, t.float()[:, None] / 1000, condition], -1))
+
+
+def _baked(net, condition):
+    """The same network with a fixed condition baked in (conditional-only sampling)."""
+
+    class Baked(nn.Module):
+        def forward(self, x, t, c=None):
+            return net(x, t, condition)
+
+    return Baked()
+
+
+def test_classifier_free_guidance_weights():
+    torch.manual_seed(0)
+    net, cond = ConditionalMLP(), torch.randn(6, 3)
+    model = DiffusionModel(net, time="discrete", diffusion_steps=100, device="cpu")
+    x_T = torch.randn(6, 2)
+
+    def sample(m, **kw):
+        return m.sample(torch.zeros(6, 2), solver="ode_dpmsolver++_2M", steps=8, x_T=x_T, **kw)
+
+    def with_backbone(backbone):
+        m = DiffusionModel(backbone, time="discrete", diffusion_steps=100, device="cpu")
+        return sample(m)[0]
+
+    cond_only = with_backbone(_baked(net, cond))
+    uncond = with_backbone(_baked(net, torch.zeros(6, 3)))
+    x1, log1 = sample(model, condition_cfg=cond, w_cfg=1.0)
+    x0, _ = sample(model, condition_cfg=cond, w_cfg=0.0)
+    assert torch.allclose(x1, cond_only, atol=1e-6) and torch.allclose(x0, uncond, atol=1e-6)
+    assert not log1["cfg_batched"] and log1["nfe"] == 8
+
+    class Guided(nn.Module):
+        def forward(self, x, t, c=None):
+            e_u, e_c = net(x, t, torch.zeros(6, 3)), net(x, t, cond)
+            return e_u + 2.5 * (e_c - e_u)
+
+    x2, log2 = sample(model, condition_cfg=cond, w_cfg=2.5)
+    assert torch.allclose(x2, with_backbone(Guided()), atol=1e-5)
+    assert log2["cfg_batched"] and log2["nfe"] == 8  # one batched call of 2n rows per step
+
+
+class LogDensity(nn.Module):
+    """log p(y | x_t) = -|x_t - target|^2: pulls samples toward `target`."""
+
+    def __init__(self, target: float):
+        super().__init__()
+        self.target = target
+
+    def forward(self, x, t, condition=None):
+        return -((x - self.target) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("predict", ["eps", "x0"])
+def test_classifier_guidance_moves_samples_toward_higher_log_p(predict):
+    model = exact_model("continuous", "cosine", predict)
+    model.classifier = LogDensity(2.0)
+    x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    plain, _ = model.sample(torch.zeros(2000, 2), solver="ddim", steps=20, x_T=x_T)
+    guided, log = model.sample(torch.zeros(2000, 2), solver="ddim", steps=20, x_T=x_T, w_cg=0.5)
+    assert model.classifier(guided, None).mean() > model.classifier(plain, None).mean() + 0.1
+    assert log["classifier_calls"] == 20 and log["nfe"] == 20
+
+
+def test_classifier_guidance_needs_a_classifier():
+    with pytest.raises(ValueError, match="needs a classifier"):
+        exact_model("continuous", "cosine", "eps").sample(torch.zeros(2, 2), w_cg=1.0)
+
+
+class FlatMLP(ConditionalMLP):
+    """ConditionalMLP over flattened (batch, horizon, dim) inputs."""
+
+    def forward(self, x, t, condition=None):
+        return super().forward(x.flatten(1), t, condition).view_as(x)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_inpainting_keeps_prior_values_exactly(solver):
+    torch.manual_seed(0)
+    mask = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    model = DiffusionModel(FlatMLP(6, 0), time="continuous", fix_mask=mask, x_min=-1.0, x_max=1.0, device="cpu")
+    prior = torch.randn(5, 3, 2) * 3  # outside the clip range on purpose
+    x, _ = model.sample(prior, solver=solver, steps=4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x[:, mask.bool()], prior[:, mask.bool()])
+    assert x[:, ~mask.bool()].abs().max() <= 1.0
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("time,predict", [("discrete", "eps"), ("continuous", "x0")])
+def test_update_and_ema_lower_the_loss_on_a_fixed_batch(time, predict):
+    torch.manual_seed(0)
+    model = DiffusionModel(ConditionalMLP(2, 3), time=time, predict=predict, lr=3e-3, ema_rate=0.9, device="cpu")
+    x0, cond = torch.randn(256, 2) * 0.5 + 1.0, torch.randn(256, 3)
+
+    def fixed_loss(net):
+        torch.manual_seed(123)  # same t and noise for every evaluation
+        model.model, saved = net, model.model
+        try:
+            with torch.no_grad():
+                return model.loss(x0, cond).item()
+        finally:
+            model.model = saved
+
+    before, before_ema = fixed_loss(model.model), fixed_loss(model.model_ema)
+    for _ in range(300):
+        metrics = model.update(x0, cond)
+    assert set(metrics) == {"loss", "grad_norm"}
+    assert fixed_loss(model.model) < 0.5 * before
+    assert fixed_loss(model.model_ema) < 0.5 * before_ema
+
+
+def test_fix_mask_and_loss_weight_shape_the_loss():
+    torch.manual_seed(0)
+    mask = torch.tensor([1.0, 0.0])
+    model = DiffusionModel(ConditionalMLP(2, 0), time="continuous", fix_mask=mask, device="cpu")
+    x0 = torch.randn(64, 2)
+    torch.manual_seed(1)
+    base = model.loss(x0).item()
+    x0_changed = x0.clone()
+    x0_changed[:, 0] += 100.0  # fixed entries are conditioning, not targets...
+    torch.manual_seed(1)
+    changed = model.loss(x0_changed).item()
+    assert changed != base  # ...they still reach the network as input
+    model.loss_weight = torch.tensor([1.0, 0.0])
+    assert model.loss(x0).item() == 0.0  # the only free entry has weight 0
+
+
+def test_gradients_flow_through_sampling():
+    torch.manual_seed(0)
+    model = DiffusionModel(ConditionalMLP(2, 3), time="discrete", diffusion_steps=5, device="cpu",
+                           schedule="linear", schedule_kwargs={"beta_max": 10.0}, x_min=-1.0, x_max=1.0)
+    x, _ = model.sample(torch.zeros(16, 2), solver="ddpm", steps=5, condition_cfg=torch.randn(16, 3),
+                        use_ema=False, requires_grad=True)
+    x.pow(2).sum().backward()
+    grads = [p.grad for p in model.model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    without, _ = model.sample(torch.zeros(4, 2), steps=5)
+    assert not without.requires_grad

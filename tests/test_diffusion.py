@@ -370,3 +370,24 @@ def test_gradients_flow_through_sampling():
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     without, _ = model.sample(torch.zeros(4, 2), steps=5)
     assert not without.requires_grad
+
+
+def test_state_dict_round_trip_restores_samples_and_update_count():
+    torch.manual_seed(0)
+    model = DiffusionModel(ConditionalMLP(2, 3), time="continuous", device="cpu")
+    for _ in range(5):
+        model.update(torch.randn(32, 2), torch.randn(32, 3))
+    clone = DiffusionModel(ConditionalMLP(2, 3), time="continuous", device="cpu")
+    clone.load_state_dict(model.state_dict())
+    cond, x_T = torch.randn(4, 3), torch.randn(4, 2)
+    a = model.sample(torch.zeros(4, 2), solver="pndm", steps=6, x_T=x_T, condition_cfg=cond)[0]
+    b = clone.sample(torch.zeros(4, 2), solver="pndm", steps=6, x_T=x_T, condition_cfg=cond)[0]
+    assert torch.equal(a, b) and clone.updates == 5
+
+
+def test_nan_in_data_raises_one_clear_error():
+    model = DiffusionModel(ConditionalMLP(2, 0), time="continuous", device="cpu")
+    x0 = torch.randn(8, 2)
+    x0[3, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        model.update(x0)

@@ -193,13 +193,23 @@ class DiffusionModel(nn.Module):
         """One optimizer step on `loss`, gradient clipping if set, then the EMA update."""
         self.model.train()
         loss = self.loss(x0, condition)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"non-finite diffusion loss ({loss_value}) at update {self.updates}: "
+                                     "check the batch and condition for NaN/inf, or lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = self.grad_clip_norm if self.grad_clip_norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.ema_update()
-        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        return {"loss": loss_value, "grad_norm": grad_norm.item()}
+
+    def get_extra_state(self) -> dict:
+        return {"updates": self.updates}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.updates = state["updates"]
 
     @torch.no_grad()
     def ema_update(self) -> None:
@@ -255,6 +265,8 @@ class DiffusionModel(nn.Module):
         solver = get_solver(solver)
         levels, plan = self.plan(solver, steps, step_schedule)
         prior = prior.to(self.device)
+        if self.fix_mask is not None and prior.shape[1:] != self.fix_mask.shape:
+            raise ValueError(f"prior has sample shape {tuple(prior.shape[1:])}, fix_mask {tuple(self.fix_mask.shape)}")
         if x_T is not None and x_T.shape != prior.shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, prior has {tuple(prior.shape)}")
         if w_cg and self.classifier is None:

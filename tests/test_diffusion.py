@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from analytic import exact_model, fit_order, ode_endpoint
 from cleandiff_rl.diffusion import (
     DDIM,
     SOLVERS,
@@ -20,6 +19,7 @@ from cleandiff_rl.diffusion import (
     make_schedule,
     time_grid,
 )
+from cleandiff_rl.diffusion.analytic import exact_model, fit_order, ode_error
 
 M, S = 0.5, 0.3
 ODE_SOLVERS = [n for n in SOLVERS if not get_solver(n).stochastic]
@@ -118,15 +118,7 @@ def test_solver_names_cover_the_cross_solver_ten():
     assert list(SOLVERS[:10]) == ten and DiffusionModel.solvers == SOLVERS
 
 
-def _ode_error(model, solver, steps, step_schedule, n=512):
-    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x, log = model.sample(torch.zeros(n, 2, dtype=torch.float64), solver=solver, steps=steps,
-                          step_schedule=step_schedule, x_T=x_T)
-    levels, _ = model.plan(get_solver(solver), steps, step_schedule)
-    return (x - ode_endpoint(x_T, levels, M, S)).abs().mean().item(), log["nfe"]
-
-
-@pytest.fixture(autouse=False)
+@pytest.fixture
 def float64():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -139,7 +131,7 @@ def float64():
 def test_ode_solvers_converge_with_their_order(float64, time, schedule, step_schedule, predict):
     model = exact_model(time, schedule, predict)
     for solver in FIRST_ORDER + HIGHER_ORDER:
-        runs = [_ode_error(model, solver, steps, step_schedule) for steps in (16, 32, 64, 128)]
+        runs = [ode_error(model, solver, steps, step_schedule) for steps in (16, 32, 64, 128)]
         errors, nfes = [r[0] for r in runs], [r[1] for r in runs]
         order = fit_order(nfes, errors)
         if solver in FIRST_ORDER:
@@ -174,8 +166,9 @@ def test_first_order_solvers_are_the_same_map(float64):
 @pytest.mark.parametrize("time,schedule", [("discrete", "linear"), ("continuous", "cosine")])
 @pytest.mark.parametrize("solver", SDE_SOLVERS + [DDIM(eta=0.5), PredictorCorrector(snr=0.05, corrector_steps=2)])
 def test_stochastic_solvers_sample_the_data_distribution(time, schedule, solver):
+    # DDPM's posterior variance is biased low at large steps (Bao et al. 2022): use the full T = 1000 chain.
     model = exact_model(time, schedule, "eps")
-    x, _ = model.sample(torch.zeros(20000, 2), solver=solver, steps=400, generator=torch.Generator().manual_seed(0))
+    x, _ = model.sample(torch.zeros(10000, 2), solver=solver, steps=1000, generator=torch.Generator().manual_seed(0))
     assert abs(x.mean().item() - M) < 0.01 and abs(x.std().item() - S) < 0.01, (x.mean(), x.std())
 
 

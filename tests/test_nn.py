@@ -1,0 +1,261 @@
+"""Numerical tests for cleandiff_rl.nn: time rule, conditions, backbones (shapes, gradients,
+dependence on t and condition, padding/cropping) and a tiny regression."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cleandiff_rl.nn import (
+    DiT1d, DQLMlp, FourierEmbedding, HalfJannerUNet1d, IDQLMlp, IdentityCondition, JannerUNet1d, MLPCondition,
+    SinusoidalEmbedding, TimeMLP, activation,
+)
+
+X_DIM, COND_DIM, BATCH = 3, 5, 4
+HORIZONS = [1, 5, 7, 13, 32]
+
+# Small but structurally complete versions of every backbone (GroupNorm(8) needs widths divisible by 8).
+MLPS = {
+    "dql": lambda cond_dim: DQLMlp(X_DIM, cond_dim, emb_dim=8, hidden_dim=32),
+    "idql": lambda cond_dim: IDQLMlp(X_DIM, cond_dim, emb_dim=8, hidden_dim=16, n_blocks=2),
+}
+SEQUENCES = {
+    "unet": lambda cond_dim: JannerUNet1d(X_DIM, cond_dim, model_dim=8, dim_mults=(1, 2, 4)),
+    "unet_attn": lambda cond_dim: JannerUNet1d(X_DIM, cond_dim, model_dim=8, dim_mults=(1, 2), attention=True),
+    "dit": lambda cond_dim: _unzero(DiT1d(X_DIM, cond_dim, d_model=16, n_heads=2, depth=2, emb_dim=8)),
+}
+BACKBONES = {**MLPS, **SEQUENCES}
+
+
+def _unzero(model: nn.Module) -> nn.Module:
+    """Give adaLN-Zero's zero-initialised layers small random weights, as after some training;
+    at init a DiT is exactly 0 and most of its gradients are exactly 0 (tested separately)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def _inputs(name: str, horizon: int = 7, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = (batch, X_DIM) if name in MLPS else (batch, horizon, X_DIM)
+    return torch.randn(shape), torch.randint(0, 20, (batch,)), torch.randn(batch, COND_DIM)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These nets are tiny: one thread is fastest, and two threads on a loaded 2-core machine
+    can be 100x slower (intra-op threads waiting on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- time embeddings
+
+def test_sinusoidal_values():
+    emb = SinusoidalEmbedding(4)  # frequencies 1 and 1e-4
+    t = torch.tensor([0, 3])
+    expected = torch.tensor([[0.0, 0.0, 1.0, 1.0],
+                             [math.sin(3), math.sin(3e-4), math.cos(3), math.cos(3e-4)]])
+    torch.testing.assert_close(emb(t), expected, atol=1e-6, rtol=0)
+
+
+def test_fourier_values_and_init_scale():
+    emb = FourierEmbedding(4096, scale=0.2)
+    assert abs(emb.weight.std().item() - 0.2) < 0.02
+    t = torch.tensor([2, 4])
+    f = 2 * math.pi * t[:, None].double() * emb.weight.detach().double()
+    expected = torch.cat([f.cos(), f.sin()], -1).float()
+    torch.testing.assert_close(emb(t), expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("embedding", [SinusoidalEmbedding(32), FourierEmbedding(32, scale=0.01)])
+def test_integer_step_equals_float_time_over_1000(embedding: nn.Module):
+    k = torch.tensor([0, 1, 7, 250, 999])
+    torch.testing.assert_close(embedding(k), embedding(k.float() / 1000), atol=2e-4, rtol=0)
+    assert not torch.allclose(embedding(k), embedding(k.float()), atol=1e-2)  # floats are scaled, ints not
+
+
+def test_backbone_time_rule():
+    net = DQLMlp(X_DIM, COND_DIM).eval()
+    x, _, c = _inputs("dql")
+    k = torch.tensor([0, 3, 500, 999])
+    torch.testing.assert_close(net(x, k, c), net(x, k.float() / 1000, c), atol=1e-4, rtol=0)
+
+
+def test_bad_names_raise():
+    with pytest.raises(ValueError, match="activation"):
+        activation("sigmoid-ish")
+    with pytest.raises(ValueError, match="time embedding"):
+        TimeMLP(8, 16, 8, embedding="learned")
+    with pytest.raises(ValueError, match="even"):
+        SinusoidalEmbedding(7)
+
+
+# ---------------------------------------------------------------- conditions
+
+@pytest.mark.parametrize("encoder", [IdentityCondition(COND_DIM, dropout=0.3),
+                                     MLPCondition(COND_DIM, 6, hidden_dims=(16,), dropout=0.3)])
+def test_mask_zeroes_rows_exactly(encoder: nn.Module):
+    c = torch.randn(6, COND_DIM)
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    for training in (True, False):  # an explicit mask overrides label dropout
+        encoder.train(training)
+        out = encoder(c, mask=mask)
+        assert out.shape == (6, encoder.out_dim)
+        assert torch.equal(out[mask == 0], torch.zeros(3, encoder.out_dim))
+        torch.testing.assert_close(out[mask == 1], encoder.eval()(c)[mask == 1], atol=0, rtol=0)
+    mlp_out = MLPCondition(COND_DIM, 6).eval()(c)
+    assert (mlp_out != 0).all()  # the null embedding is produced by the mask, not by the MLP
+
+
+@pytest.mark.parametrize("make", [lambda p: IdentityCondition(1, dropout=p),
+                                  lambda p: MLPCondition(1, 4, hidden_dims=(8,), dropout=p)])
+@pytest.mark.parametrize("p", [0.1, 0.25])
+def test_label_dropout_rate(make, p: float):
+    encoder, n = make(p), 20000
+    c = torch.ones(n, 1)
+    encoder.eval()
+    assert (encoder(c).abs().sum(-1) > 0).all()  # eval: nothing dropped
+    encoder.train()
+    dropped = (encoder(c).abs().sum(-1) == 0).float().mean().item()
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)  # ~0.01 for p=0.25
+
+
+def test_condition_dropout_validated():
+    with pytest.raises(ValueError):
+        IdentityCondition(3, dropout=1.0)
+
+
+# ---------------------------------------------------------------- backbones
+
+@pytest.mark.parametrize("name", MLPS)
+def test_mlp_shape(name: str):
+    x, t, c = _inputs(name)
+    assert MLPS[name](COND_DIM)(x, t, c).shape == x.shape
+    assert MLPS[name](0)(x, t.float() / 20).shape == x.shape
+
+
+@pytest.mark.parametrize("name", SEQUENCES)
+@pytest.mark.parametrize("horizon", HORIZONS)
+def test_sequence_shape_any_horizon(name: str, horizon: int):
+    net = SEQUENCES[name](COND_DIM).eval()
+    x, t, c = _inputs(name, horizon)
+    out = net(x, t, c)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("horizon", HORIZONS)
+def test_value_function_shape_any_horizon(horizon: int):
+    net = HalfJannerUNet1d(X_DIM, out_dim=2, cond_dim=COND_DIM, horizon=horizon, model_dim=8, dim_mults=(1, 2, 4))
+    x, t, c = _inputs("unet", horizon)
+    out = net(x, t, c)
+    assert out.shape == (BATCH, 2) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="horizon"):  # the flattened head fixes the horizon
+        net(torch.randn(BATCH, horizon + 1, X_DIM), t, c)
+
+
+def _check_gradients(net: nn.Module, out: torch.Tensor) -> None:
+    (out * torch.randn_like(out)).sum().backward()
+    for pname, p in net.named_parameters():
+        assert p.grad is not None, f"{pname}: no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname}: non-finite gradient"
+        assert p.grad.abs().max() > 0, f"{pname}: zero gradient"
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_gradients_reach_every_parameter(name: str):
+    net = BACKBONES[name](COND_DIM)
+    x, t, c = _inputs(name, horizon=7)
+    _check_gradients(net, net(x, t, c))
+
+
+def test_value_function_gradients():
+    net = HalfJannerUNet1d(X_DIM, cond_dim=COND_DIM, horizon=7, model_dim=8, dim_mults=(1, 2, 4))
+    x, t, c = _inputs("unet", horizon=7)
+    _check_gradients(net, net(x, t, c))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_output_depends_on_t_and_condition(name: str):
+    net = BACKBONES[name](COND_DIM).eval()
+    x, t, c = _inputs(name)
+    out = net(x, t, c)
+    assert (out - net(x, t + 1, c)).abs().max() > 1e-4
+    assert (out - net(x, t.float() / 20, c)).abs().max() > 1e-4
+    assert (out - net(x, t, c + 1)).abs().max() > 1e-4
+    assert torch.equal(net(x, t, torch.zeros_like(c)), net(x, t, None))  # None is the null condition
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_unconditional_backbone_ignores_condition(name: str):
+    net = BACKBONES[name](0).eval()
+    x, t, c = _inputs(name)
+    assert torch.equal(net(x, t, c), net(x, t))
+
+
+def test_value_function_depends_on_t_and_condition():
+    net = HalfJannerUNet1d(X_DIM, cond_dim=COND_DIM, horizon=5, model_dim=8, dim_mults=(1, 2, 4))
+    x, t, c = _inputs("unet", horizon=5)
+    out = net(x, t, c)
+    assert (out - net(x, t + 1, c)).abs().max() > 1e-5
+    assert (out - net(x, t, -c)).abs().max() > 1e-5
+    assert torch.equal(net(x, t, torch.zeros_like(c)), net(x, t))
+
+
+def test_dit_is_zero_at_init():
+    net = DiT1d(X_DIM, COND_DIM, d_model=16, n_heads=2)
+    x, t, c = _inputs("dit")
+    assert torch.equal(net(x, t, c), torch.zeros_like(x))
+
+
+# ---------------------------------------------------------------- padding and cropping
+
+@pytest.mark.parametrize("name", SEQUENCES)
+def test_batch_rows_independent_and_deterministic(name: str):
+    net = SEQUENCES[name](COND_DIM).eval()
+    x, t, c = _inputs(name, horizon=7)
+    out = net(x, t, c)
+    assert torch.equal(out, net(x, t, c))
+    torch.testing.assert_close(net(x[:1], t[:1], c[:1]), out[:1], atol=1e-5, rtol=1e-5)
+    x2 = x.clone()
+    x2[1:] = 100.0  # wild values in other rows change nothing in row 0
+    torch.testing.assert_close(net(x2, t, c)[:1], out[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_unet_pads_by_replicating_last_step_and_crops_the_end():
+    net = JannerUNet1d(X_DIM, COND_DIM, model_dim=8, dim_mults=(1, 2, 4)).eval()  # pads 7 -> 8
+    x, t, c = _inputs("unet", horizon=7)
+    out7 = net(x, t, c)
+    out8 = net(torch.cat([x, x[:, -1:]], 1), t, c)  # horizon 8 needs no padding
+    torch.testing.assert_close(out7, out8[:, :7], atol=1e-5, rtol=1e-5)
+    out_zero_pad = net(torch.cat([x, torch.zeros_like(x[:, -1:])], 1), t, c)
+    assert (out7 - out_zero_pad[:, :7]).abs().max() > 1e-4  # so the check above is not vacuous
+
+
+# ---------------------------------------------------------------- regression
+
+def test_dql_mlp_fits_fixed_batch():
+    torch.manual_seed(0)
+    net = DQLMlp(X_DIM, COND_DIM)
+    x, t, c = torch.randn(64, X_DIM), torch.randint(0, 5, (64,)), torch.randn(64, COND_DIM)
+    target = torch.randn(64, X_DIM)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(200):
+        loss = (net(x, t, c) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])

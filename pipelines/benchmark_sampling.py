@@ -25,34 +25,31 @@ from cleandiff_rl.utils import seed_everything
 
 
 def per_call_seconds(fn: Callable[[], object], min_seconds: float, repeats: int) -> float:
-    """Median over `repeats` of the mean time of one call, each repeat lasting >= min_seconds."""
+    """Median over `repeats` of the mean time of one call; each repeat calls for >= min_seconds."""
     fn()  # warm up caches (plans, time tensors, allocator)
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds:
-        fn()
-        calls += 1
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
+        calls, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < min_seconds or calls == 0:
             fn()
-        samples.append((time.perf_counter() - start) / calls)
+            calls += 1
+        samples.append(elapsed / calls)
     return statistics.median(samples)
 
 
 def time_sampling(name: str, model: DiffusionModel, prior: torch.Tensor, condition: torch.Tensor | None,
-                  cfg: DictConfig, solvers: list[str]) -> list[dict]:
+                  cfg: DictConfig, solvers: list[str], repeats: int) -> list[dict]:
     """Rows of (solver, steps, nfe, ms per sample() call, overhead ratio) for one model and batch."""
     net = model.model_ema["diffusion"]
     t = model.time_tensor(model.schedule.t_max, prior.shape[0])
     with torch.no_grad():
-        forward = per_call_seconds(lambda: net(prior, t, condition), cfg.min_seconds, cfg.repeats)
+        forward = per_call_seconds(lambda: net(prior, t, condition), cfg.min_seconds, repeats)
     rows = []
     for solver in tqdm(solvers, desc=name, leave=False):
         for steps in cfg.steps:
             nfe = model.sample(prior, solver=solver, steps=steps, condition_cfg=condition)[1]["nfe"]
             seconds = per_call_seconds(lambda: model.sample(prior, solver=solver, steps=steps, condition_cfg=condition),
-                                       cfg.min_seconds, cfg.repeats)
+                                       cfg.min_seconds, repeats)
             rows.append({"setting": name, "solver": solver, "steps": steps, "nfe": nfe, "ms": 1e3 * seconds,
                          "forward_ms": 1e3 * forward, "overhead_ratio": seconds / (nfe * forward)})
     return rows
@@ -90,9 +87,10 @@ def main(cfg: DictConfig) -> None:
     rows = []
     for batch in cfg.mlp.batches:
         prior = torch.zeros(batch, cfg.mlp.x_dim, device=device)
-        rows += time_sampling(f"mlp_b{batch}", mlp, prior, torch.randn(batch, cfg.mlp.cond_dim, device=device), cfg, solvers)
+        rows += time_sampling(f"mlp_b{batch}", mlp, prior, torch.randn(batch, cfg.mlp.cond_dim, device=device), cfg,
+                              solvers, cfg.mlp.repeats)
     prior = torch.zeros(cfg.unet.batch, cfg.unet.horizon, cfg.unet.x_dim, device=device)
-    rows += time_sampling(f"unet_b{cfg.unet.batch}", unet, prior, None, cfg, solvers)
+    rows += time_sampling(f"unet_b{cfg.unet.batch}", unet, prior, None, cfg, solvers, cfg.unet.repeats)
 
     training = {
         f"mlp_b{cfg.mlp.train_batch}": training_steps_per_second(

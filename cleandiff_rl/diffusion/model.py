@@ -138,7 +138,7 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"unknown time_weighting {time_weighting!r}; valid: {', '.join(TIME_WEIGHTINGS)}")
         if not 0.0 <= ema_rate < 1.0:
             raise ValueError(f"ema_rate must lie in [0, 1), got {ema_rate}")
-        self.device = resolve_device(device)
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)  # tracks .to(device)
         self.schedule = make_schedule(time, schedule, diffusion_steps, **(schedule_kwargs or {}))
         self.predict, self.time_weighting = predict, time_weighting
         self.ema_rate, self.ema_every, self.ema_start = ema_rate, ema_every, ema_start
@@ -148,9 +148,9 @@ class DiffusionModel(nn.Module):
         self.classifier = classifier
         self.register_buffer("fix_mask", None if fix_mask is None else torch.as_tensor(fix_mask, dtype=torch.bool))
         self.register_buffer("loss_weight", None if loss_weight is None else torch.as_tensor(loss_weight, dtype=torch.float32))
-        self.x_min = None if x_min is None else torch.as_tensor(x_min, dtype=torch.float32, device=self.device)
-        self.x_max = None if x_max is None else torch.as_tensor(x_max, dtype=torch.float32, device=self.device)
-        self.to(self.device)
+        self.register_buffer("x_min", None if x_min is None else torch.as_tensor(x_min, dtype=torch.float32))
+        self.register_buffer("x_max", None if x_max is None else torch.as_tensor(x_max, dtype=torch.float32))
+        self.to(resolve_device(device))
         params = list(self.model.parameters())  # an analytic, parameter-free backbone needs no optimizer
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if params else None
         self.updates = 0
@@ -158,6 +158,10 @@ class DiffusionModel(nn.Module):
         self._times: dict[tuple, Tensor] = {}
 
     solvers = SOLVERS
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -234,7 +238,7 @@ class DiffusionModel(nn.Module):
     def time_tensor(self, t: float, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """The `(n,)` network time tensor (long for discrete time, else `dtype`), cached across calls
         because sampling is latency-bound."""
-        key = (t, n, dtype)
+        key = (t, n, dtype, self.device)
         if key not in self._times:
             if len(self._times) > 4096:
                 self._times.clear()

@@ -24,34 +24,43 @@ from cleandiff_rl.nn import DQLMlp, JannerUNet1d
 from cleandiff_rl.utils import seed_everything
 
 
-def per_call_seconds(fn: Callable[[], object], min_seconds: float, repeats: int) -> float:
-    """Median over `repeats` of the mean time of one call; each repeat calls for >= min_seconds."""
-    fn()  # warm up caches (plans, time tensors, allocator)
-    samples = []
-    for _ in range(repeats):
-        calls, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < min_seconds or calls == 0:
-            fn()
-            calls += 1
-        samples.append(elapsed / calls)
-    return statistics.median(samples)
+def mean_call_seconds(fn: Callable[[], object], min_seconds: float) -> float:
+    """Mean time of one call over a block of calls lasting at least `min_seconds`."""
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < min_seconds or calls == 0:
+        fn()
+        calls += 1
+    return elapsed / calls
 
 
 def time_sampling(name: str, model: DiffusionModel, prior: torch.Tensor, condition: torch.Tensor | None,
                   cfg: DictConfig, solvers: list[str], repeats: int) -> list[dict]:
-    """Rows of (solver, steps, nfe, ms per sample() call, overhead ratio) for one model and batch."""
+    """Rows of (solver, steps, nfe, ms per sample() call, overhead ratio) for one model and batch.
+
+    Forward and sample() blocks alternate, and the ratio is the median of per-repeat ratios, so a
+    change in machine load between measurements does not bias it.
+    """
     net = model.model_ema["diffusion"]
     t = model.time_tensor(model.schedule.t_max, prior.shape[0])
-    with torch.no_grad():
-        forward = per_call_seconds(lambda: net(prior, t, condition), cfg.min_seconds, repeats)
+
+    def forward():
+        with torch.no_grad():
+            net(prior, t, condition)
+
     rows = []
     for solver in tqdm(solvers, desc=name, leave=False):
         for steps in cfg.steps:
-            nfe = model.sample(prior, solver=solver, steps=steps, condition_cfg=condition)[1]["nfe"]
-            seconds = per_call_seconds(lambda: model.sample(prior, solver=solver, steps=steps, condition_cfg=condition),
-                                       cfg.min_seconds, repeats)
-            rows.append({"setting": name, "solver": solver, "steps": steps, "nfe": nfe, "ms": 1e3 * seconds,
-                         "forward_ms": 1e3 * forward, "overhead_ratio": seconds / (nfe * forward)})
+            def sample():
+                return model.sample(prior, solver=solver, steps=steps, condition_cfg=condition)
+
+            nfe = sample()[1]["nfe"]  # also warms the plan and time-tensor caches
+            forward()
+            samples = [(mean_call_seconds(forward, cfg.min_seconds), mean_call_seconds(sample, cfg.min_seconds))
+                       for _ in range(repeats)]
+            rows.append({"setting": name, "solver": solver, "steps": steps, "nfe": nfe,
+                         "ms": 1e3 * statistics.median(s for _, s in samples),
+                         "forward_ms": 1e3 * statistics.median(f for f, _ in samples),
+                         "overhead_ratio": statistics.median(s / (nfe * f) for f, s in samples)})
     return rows
 
 
@@ -111,7 +120,8 @@ def main(cfg: DictConfig) -> None:
     print(f"device {device}, torch threads {torch.get_num_threads()}")
     for setting in dict.fromkeys(r["setting"] for r in rows):
         sub = [r for r in rows if r["setting"] == setting]
-        print_table(sub, "ms", ".2f", f"[{setting}] ms per sample() call (one forward: {sub[0]['forward_ms']:.3f} ms)")
+        forward_ms = statistics.median(r["forward_ms"] for r in sub)
+        print_table(sub, "ms", ".2f", f"[{setting}] ms per sample() call (one forward: {forward_ms:.3f} ms)")
         print_table(sub, "overhead_ratio", ".3f", f"[{setting}] overhead ratio = time / (NFE x forward)")
     print("\ntraining steps/s: " + ", ".join(f"{k} {v:.1f}" for k, v in training.items()))
     print(f"results: {out_dir / 'results.json'}")

@@ -165,33 +165,36 @@ class DiffusionModel(nn.Module):
 
     # ---- training ---------------------------------------------------------------------------
 
+    def _alpha_sigma(self, t: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha_t and sigma_t shaped to broadcast against x0."""
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        return self.schedule.alpha(t).to(x0.dtype).view(shape), self.schedule.sigma(t).to(x0.dtype).view(shape)
+
     def add_noise(self, x0: Tensor, t: Tensor | None = None, eps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x_t = alpha_t x0 + sigma_t eps at training times t (drawn when None); fixed entries stay x0."""
         t = self.schedule.sample_t(x0.shape[0], device=x0.device) if t is None else t
         eps = torch.randn_like(x0) if eps is None else eps
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        alpha = self.schedule.alpha(t).to(x0.dtype).view(shape)
-        sigma = self.schedule.sigma(t).to(x0.dtype).view(shape)
+        return self._mix(x0, eps, *self._alpha_sigma(t, x0)), t, eps
+
+    def _mix(self, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         xt = alpha * x0 + sigma * eps
-        if self.fix_mask is not None:
-            xt = torch.where(self.fix_mask, x0, xt)
-        return xt, t, eps
+        return xt if self.fix_mask is None else torch.where(self.fix_mask, x0, xt)
 
     def loss(self, x0: Tensor, condition: Tensor | None = None) -> Tensor:
         """Weighted MSE of the eps or x0 prediction, averaged over the batch."""
-        xt, t, eps = self.add_noise(x0)
+        t = self.schedule.sample_t(x0.shape[0], device=x0.device)
+        eps = torch.randn_like(x0)
+        alpha, sigma = self._alpha_sigma(t, x0)
         encoder = self.model["condition"]
         if condition is not None and encoder is not None:
             condition = encoder(condition)  # train mode: CFG label dropout happens here
-        out = self.model["diffusion"](xt, t, condition)
+        out = self.model["diffusion"](self._mix(x0, eps, alpha, sigma), t, condition)
         err = (out - (eps if self.predict == "eps" else x0)) ** 2
         if self.loss_weight is not None:
             err = err * self.loss_weight
         if self.fix_mask is not None:
             err = err * (~self.fix_mask)
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        alpha, sigma = self.schedule.alpha(t).to(x0.dtype), self.schedule.sigma(t).to(x0.dtype)
-        return (err * TIME_WEIGHTINGS[self.time_weighting](alpha, sigma, self.predict).view(shape)).mean()
+        return (err * TIME_WEIGHTINGS[self.time_weighting](alpha, sigma, self.predict)).mean()
 
     def update(self, x0: Tensor, condition: Tensor | None = None) -> dict[str, float]:
         """One optimizer step on `loss`, gradient clipping if set, then the EMA update."""

@@ -384,3 +384,23 @@ def test_nan_in_data_raises_one_clear_error():
     x0[3, 1] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
         model.update(x0)
+
+
+def test_classifier_free_guidance_end_to_end_with_label_dropout():
+    """Trained with condition dropout, one network samples p(x | c) at w=1 and p(x) at w=0."""
+    from cleandiff_rl.nn import DQLMlp, IdentityCondition
+
+    torch.manual_seed(0)
+    model = DiffusionModel(DQLMlp(1, cond_dim=1, hidden_dim=64), IdentityCondition(1, dropout=0.3),
+                           time="continuous", lr=3e-3, ema_rate=0.99, device="cpu")
+    for _ in range(1500):
+        c = torch.randint(0, 2, (256, 1)).float() * 2 - 1
+        model.update(c * 1.5 + 0.2 * torch.randn(256, 1), c)
+    plus = torch.ones(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    cond, _ = model.sample(torch.zeros(2000, 1), solver="ode_dpmsolver++_2M", steps=20, condition_cfg=plus,
+                           w_cfg=1.0, generator=generator)
+    uncond, _ = model.sample(torch.zeros(2000, 1), solver="ode_dpmsolver++_2M", steps=20, condition_cfg=plus,
+                             w_cfg=0.0, generator=generator)
+    assert abs(cond.mean().item() - 1.5) < 0.15 and cond.std().item() < 0.4
+    assert abs(uncond.mean().item()) < 0.3 and 0.3 < (uncond > 0).float().mean().item() < 0.7

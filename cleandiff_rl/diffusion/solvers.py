@@ -357,7 +357,8 @@ class Heun(Solver):
 class PredictorCorrector(EulerMaruyama):
     """Score-SDE's PC sampler: an Euler-Maruyama predictor, then Langevin corrector steps at the new
     level, x <- x + delta score + sqrt(2 delta) z, with delta = 2 (snr |z| / |score|)^2 and the norms
-    averaged over the batch as in Song et al.'s code (per-sample norms blow up in low dimension)."""
+    taken over the whole batch, as Song et al.'s code averages them (per-sample norms blow up in
+    low dimension)."""
 
     name: ClassVar[str] = "pc"
     snr: float = 0.16
@@ -370,10 +371,10 @@ class PredictorCorrector(EulerMaruyama):
             return x
         for _ in range(self.corrector_steps):
             eps, z = denoise(x, t, "eps"), noise()
-            # |score| = |eps| / sigma_t, and delta * score = -(delta / sigma_t) eps.
-            ratio = z.flatten(1).norm(dim=1).mean() / eps.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
-            delta = 2 * (self.snr * t.sigma * ratio) ** 2
-            x = x - (delta / t.sigma) * eps + delta.mul(2).sqrt() * z
+            # |score| = |eps| / sigma_t, so with c = sqrt(2 delta) = 2 snr sigma_t |z| / |eps|:
+            # x + delta score + sqrt(2 delta) z = x - c^2 / (2 sigma_t) eps + c z
+            c = torch.linalg.vector_norm(z).div_(torch.linalg.vector_norm(eps)).mul_(2 * self.snr * t.sigma)
+            x = torch.addcmul(x, eps, c.square(), value=-0.5 / t.sigma).addcmul_(z, c)
         return x
 
 

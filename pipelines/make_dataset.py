@@ -1,0 +1,23 @@
+"""Build D4RL-style Minari datasets for one MuJoCo task (see configs/make_dataset.yaml).
+
+python pipelines/make_dataset.py env=hopper                    # full D4RL sizes
+python pipelines/make_dataset.py env=walker2d make_dataset=tiny
+"""
+
+from __future__ import annotations
+
+import json
+
+import hydra
+from omegaconf import DictConfig
+
+from cleandiff_rl.data.builder import build_datasets
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="make_dataset")
+def main(cfg: DictConfig) -> None:
+    print(json.dumps(build_datasets(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    main()

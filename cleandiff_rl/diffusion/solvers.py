@@ -183,6 +183,17 @@ class DDPM(DDIM):
 
 
 # ---- DPM-Solver (noise prediction) and DPM-Solver++ (data prediction), ODE and SDE --------------
+# Each 2M solver is its first-order rule with the current output D_0 replaced by the multistep
+# extrapolation D_0 + (D_0 - D_prev) h / (2 h_prev) (Lu et al. 2022b; the "midpoint" form of the
+# SDE variants). On the first step, and on the step into the clean level (h = inf), it stays first order.
+
+
+def _multistep(first_order: LinearStep, levels: list[Level], i: int) -> LinearStep:
+    _, _, h, h_prev = _neighbours(levels, i)
+    if h_prev is None:
+        return first_order
+    k, b0 = h / (2 * h_prev), first_order.b[0]
+    return LinearStep(first_order.a, (b0 * (1 + k), -b0 * k), first_order.noise)
 
 
 @dataclass(frozen=True)
@@ -199,20 +210,12 @@ class ODEDPMSolver1(Solver):
 
 
 @dataclass(frozen=True)
-class ODEDPMSolver2M(Solver):
-    """Multistep 2nd order: eps_s replaced by eps_s + (eps_s - eps_prev) / (2r), r = h_prev / h."""
-
+class ODEDPMSolver2M(ODEDPMSolver1):
     name: ClassVar[str] = "ode_dpmsolver_2M"
-    param: ClassVar[str] = "eps"
     history: ClassVar[int] = 2
 
     def coefficients(self, schedule, levels, i):
-        s, t, h, h_prev = _neighbours(levels, i)
-        phi = t.alpha * s.rho * _expm1_neg(h)
-        if h_prev is None:
-            return LinearStep(t.alpha / s.alpha, (-phi,))
-        k = h / (2 * h_prev)
-        return LinearStep(t.alpha / s.alpha, (-phi * (1 + k), phi * k))
+        return _multistep(super().coefficients(schedule, levels, i), levels, i)
 
 
 @dataclass(frozen=True)
@@ -230,22 +233,12 @@ class SDEDPMSolver1(Solver):
 
 
 @dataclass(frozen=True)
-class SDEDPMSolver2M(Solver):
-    """SDE-DPM-Solver-2M (midpoint form): adds -sigma_t (e^h - 1) (eps_s - eps_prev) / r."""
-
+class SDEDPMSolver2M(SDEDPMSolver1):
     name: ClassVar[str] = "sde_dpmsolver_2M"
-    param: ClassVar[str] = "eps"
-    stochastic: ClassVar[bool] = True
     history: ClassVar[int] = 2
 
     def coefficients(self, schedule, levels, i):
-        s, t, h, h_prev = _neighbours(levels, i)
-        phi = t.alpha * s.rho * _expm1_neg(h)
-        noise = t.alpha * s.rho * math.sqrt(_expm1_neg(2 * h))
-        if h_prev is None:
-            return LinearStep(t.alpha / s.alpha, (-2 * phi,), noise)
-        k = h / h_prev
-        return LinearStep(t.alpha / s.alpha, (-phi * (2 + k), phi * k), noise)
+        return _multistep(super().coefficients(schedule, levels, i), levels, i)
 
 
 @dataclass(frozen=True)
@@ -261,20 +254,12 @@ class ODEDPMSolverPP1(Solver):
 
 
 @dataclass(frozen=True)
-class ODEDPMSolverPP2M(Solver):
-    """DPM-Solver++(2M): x0_s replaced by x0_s + (x0_s - x0_prev) / (2r), r = h_prev / h."""
-
+class ODEDPMSolverPP2M(ODEDPMSolverPP1):
     name: ClassVar[str] = "ode_dpmsolver++_2M"
-    param: ClassVar[str] = "x0"
     history: ClassVar[int] = 2
 
     def coefficients(self, schedule, levels, i):
-        s, t, h, h_prev = _neighbours(levels, i)
-        phi = t.alpha * _expm1_neg(h)
-        if h_prev is None:
-            return LinearStep(t.sigma / s.sigma, (phi,))
-        k = h / (2 * h_prev)
-        return LinearStep(t.sigma / s.sigma, (phi * (1 + k), -phi * k))
+        return _multistep(super().coefficients(schedule, levels, i), levels, i)
 
 
 @dataclass(frozen=True)
@@ -292,22 +277,12 @@ class SDEDPMSolverPP1(Solver):
 
 
 @dataclass(frozen=True)
-class SDEDPMSolverPP2M(Solver):
-    """SDE-DPM-Solver++(2M): x0_s replaced by x0_s + (x0_s - x0_prev) / (2r)."""
-
+class SDEDPMSolverPP2M(SDEDPMSolverPP1):
     name: ClassVar[str] = "sde_dpmsolver++_2M"
-    param: ClassVar[str] = "x0"
-    stochastic: ClassVar[bool] = True
     history: ClassVar[int] = 2
 
     def coefficients(self, schedule, levels, i):
-        s, t, h, h_prev = _neighbours(levels, i)
-        e2 = _expm1_neg(2 * h)
-        a, noise = t.sigma / s.sigma * math.exp(-h), t.sigma * math.sqrt(e2)
-        if h_prev is None:
-            return LinearStep(a, (t.alpha * e2,), noise)
-        k = h / (2 * h_prev)
-        return LinearStep(a, (t.alpha * e2 * (1 + k), -t.alpha * e2 * k), noise)
+        return _multistep(super().coefficients(schedule, levels, i), levels, i)
 
 
 # ---- Classic samplers (Song et al. 2021; Karras et al. 2022; Liu et al. 2022) ------------------

@@ -13,7 +13,22 @@ from .embeddings import TimeMLP
 from .layers import activation
 
 
-class DQLMlp(nn.Module):
+class _MLPBackbone(nn.Module):
+    """concat[x, time_mlp(t), condition] -> net; subclasses build `time_mlp` and `net`."""
+
+    cond_dim: int
+    time_mlp: nn.Module
+    net: nn.Module
+
+    def forward(self, x: Tensor, t: Tensor, condition: Tensor | None = None) -> Tensor:
+        if not self.cond_dim:
+            return self.net(torch.cat([x, self.time_mlp(t)], -1))
+        if condition is None:
+            condition = x.new_zeros(x.shape[0], self.cond_dim)
+        return self.net(torch.cat([x, self.time_mlp(t), condition], -1))
+
+
+class DQLMlp(_MLPBackbone):
     """Diffusion-QL actor (Wang et al. 2023, agents/model.py).
 
     concat[x, time_emb, condition] -> 3 x (Linear hidden_dim + Mish) -> Linear(x_dim), with time
@@ -32,13 +47,6 @@ class DQLMlp(nn.Module):
             nn.Linear(hidden_dim, x_dim),
         )
 
-    def forward(self, x: Tensor, t: Tensor, condition: Tensor | None = None) -> Tensor:
-        if not self.cond_dim:
-            return self.net(torch.cat([x, self.time_mlp(t)], -1))
-        if condition is None:
-            condition = x.new_zeros(x.shape[0], self.cond_dim)
-        return self.net(torch.cat([x, self.time_mlp(t), condition], -1))
-
 
 class _ResidualBlock(nn.Module):
     """x + Linear(act(Linear_4h(LayerNorm(Dropout(x))))): IDQL's MLPResNetBlock."""
@@ -52,10 +60,10 @@ class _ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-class IDQLMlp(nn.Module):
+class IDQLMlp(_MLPBackbone):
     """IDQL actor (Hansen-Estruch et al. 2023, jaxrl5 networks/resnet.py): an LN-ResNet.
 
-    concat[x, condition, time_emb] -> Linear hidden_dim -> n_blocks residual blocks -> act ->
+    concat[x, time_emb, condition] -> Linear hidden_dim -> n_blocks residual blocks -> act ->
     Linear(x_dim). Time: learnable Fourier(emb_dim) -> 2*emb_dim -> act -> 2*emb_dim; the
     original uses emb_dim 128, swish (SiLU) everywhere, dropout 0.1. CleanDiffuser's variant
     uses Mish (act="mish") and no activation before the output layer.
@@ -69,15 +77,8 @@ class IDQLMlp(nn.Module):
         self.time_mlp = TimeMLP(emb_dim, 2 * emb_dim, 2 * emb_dim, embedding=time_embedding, act=act,
                                 fourier_scale=fourier_scale)
         self.net = nn.Sequential(
-            nn.Linear(x_dim + cond_dim + 2 * emb_dim, hidden_dim),
+            nn.Linear(x_dim + 2 * emb_dim + cond_dim, hidden_dim),
             *(_ResidualBlock(hidden_dim, dropout, act) for _ in range(n_blocks)),
             activation(act),
             nn.Linear(hidden_dim, x_dim),
         )
-
-    def forward(self, x: Tensor, t: Tensor, condition: Tensor | None = None) -> Tensor:
-        if not self.cond_dim:
-            return self.net(torch.cat([x, self.time_mlp(t)], -1))
-        if condition is None:
-            condition = x.new_zeros(x.shape[0], self.cond_dim)
-        return self.net(torch.cat([x, condition, self.time_mlp(t)], -1))

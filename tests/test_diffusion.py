@@ -404,3 +404,16 @@ def test_classifier_free_guidance_end_to_end_with_label_dropout():
                              w_cfg=0.0, generator=generator)
     assert abs(cond.mean().item() - 1.5) < 0.15 and cond.std().item() < 0.4
     assert abs(uncond.mean().item()) < 0.3 and 0.3 < (uncond > 0).float().mean().item() < 0.7
+
+
+@pytest.mark.parametrize("predict", ["eps", "x0"])
+def test_folded_conversion_matches_explicit_conversion(float64, predict):
+    """Single-output rules fold eps <-> x0 into their coefficients unless clipping needs x0 explicitly."""
+    folded = exact_model("discrete", "cosine", predict)
+    explicit = exact_model("discrete", "cosine", predict)
+    explicit.x_min, explicit.x_max = torch.tensor(-1e9), torch.tensor(1e9)  # a clip that never bites
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(4))
+    for solver in SOLVERS:
+        a, b = (m.sample(torch.zeros(64, 2), solver=solver, steps=8, x_T=x_T,
+                         generator=torch.Generator().manual_seed(5))[0] for m in (folded, explicit))
+        assert torch.allclose(a, b, atol=1e-8), solver

@@ -235,7 +235,8 @@ class DiffusionModel(nn.Module):
         key = (solver, steps, step_schedule)
         if key not in self._plans:
             levels = [level_at(self.schedule, t) for t in time_grid(self.schedule, steps, step_schedule)]
-            self._plans[key] = (levels, solver.plan(self.schedule, levels))
+            native = self.predict if self.x_min is None and self.x_max is None else None  # clipping needs x0
+            self._plans[key] = (levels, solver.plan(self.schedule, levels, native))
         return self._plans[key]
 
     def time_tensor(self, t: float, n: int, dtype: torch.dtype = torch.float32) -> Tensor:

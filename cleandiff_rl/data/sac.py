@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import atomic_save, load_checkpoint, seed_everything
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -49,16 +50,10 @@ class SACConfig:
 # ---------------------------------------------------------------- networks
 
 
-def _mlp(inp: int, out: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out)
-    )
-
-
 class QNetwork(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int):
         super().__init__()
-        self.net = _mlp(obs_dim + act_dim, 1, hidden)
+        self.net = mlp(obs_dim + act_dim, (hidden, hidden), 1, act="relu")
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, act], -1)).squeeze(-1)

@@ -45,7 +45,7 @@ class _Denoiser:
         self.backbone = net["diffusion"]
         self.predict, self.classifier = model.predict, model.classifier
         self.x_min, self.x_max = model.x_min, model.x_max
-        self.clip = model.x_min is not None or model.x_max is not None
+        self.clip = model.clips_x0
         self.times = model.time_tensor
         self.condition_cg, self.w_cg = condition_cg, w_cg
         self.nfe = self.classifier_calls = 0
@@ -163,6 +163,11 @@ class DiffusionModel(nn.Module):
     def device(self) -> torch.device:
         return self._anchor.device
 
+    @property
+    def clips_x0(self) -> bool:
+        """Whether sampling clips the x0 prediction (x_min or x_max set)."""
+        return self.x_min is not None or self.x_max is not None
+
     # ---- training ---------------------------------------------------------------------------
 
     def _alpha_sigma(self, t: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,7 +240,7 @@ class DiffusionModel(nn.Module):
         key = (solver, steps, step_schedule)
         if key not in self._plans:
             levels = [level_at(self.schedule, t) for t in time_grid(self.schedule, steps, step_schedule)]
-            native = self.predict if self.x_min is None and self.x_max is None else None  # clipping needs x0
+            native = None if self.clips_x0 else self.predict  # clipping needs the x0 form explicitly
             self._plans[key] = (levels, solver.plan(self.schedule, levels, native))
         return self._plans[key]
 

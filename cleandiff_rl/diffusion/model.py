@@ -8,7 +8,6 @@ a noise schedule, and guidance (classifier-free, classifier, inpainting through 
 from __future__ import annotations
 
 import copy
-import math
 from collections import deque
 from typing import Callable
 
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from cleandiff_rl.diffusion.schedules import make_schedule
 from cleandiff_rl.diffusion.solvers import SOLVERS, Level, Solver, get_solver, level_at, time_grid
-from cleandiff_rl.utils import resolve_device
+from cleandiff_rl.utils import optimizer_step, resolve_device
 
 PREDICTIONS = ("eps", "x0")
 
@@ -205,17 +204,14 @@ class DiffusionModel(nn.Module):
         """One optimizer step on `loss`, gradient clipping if set, then the EMA update."""
         self.model.train()
         loss = self.loss(x0, condition)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"non-finite diffusion loss ({loss_value}) at update {self.updates}: "
-                                     "check the batch and condition for NaN/inf, or lower the learning rate")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = self.grad_clip_norm if self.grad_clip_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        return {"loss": loss.item(), "grad_norm": self.step(loss)}
+
+    def step(self, loss: Tensor) -> float:
+        """Optimizer step on any loss of the online network (e.g. BC + Q terms), then EMA; the grad norm."""
+        grad_norm = optimizer_step(self.optimizer, loss, self.model.parameters(), self.grad_clip_norm,
+                                   name=f"diffusion loss at update {self.updates}")
         self.ema_update()
-        return {"loss": loss_value, "grad_norm": grad_norm.item()}
+        return grad_norm
 
     def get_extra_state(self) -> dict:
         return {"updates": self.updates}

@@ -2,5 +2,6 @@
 
 from cleandiff_rl.utils.checkpoint import atomic_save, load_checkpoint
 from cleandiff_rl.utils.misc import resolve_device, seed_everything
+from cleandiff_rl.utils.optim import optimizer_step
 
-__all__ = ["atomic_save", "load_checkpoint", "resolve_device", "seed_everything"]
+__all__ = ["atomic_save", "load_checkpoint", "optimizer_step", "resolve_device", "seed_everything"]

@@ -1,0 +1,34 @@
+"""Offline-RL policies on the diffusion core: Diffusion BC, Diffusion-QL, IDQL (and plain BC as a baseline).
+
+Each algorithm reads top to bottom in its own module; `Agent` (base.py) holds what they share.
+"""
+
+from __future__ import annotations
+
+from cleandiff_rl.agents.base import Agent, make_config
+from cleandiff_rl.agents.bc import BC
+from cleandiff_rl.agents.diffusion_bc import DiffusionBC
+from cleandiff_rl.agents.diffusion_ql import DiffusionQL
+from cleandiff_rl.agents.idql import IDQL
+
+ALGORITHMS: dict[str, type[Agent]] = {cls.name: cls for cls in (DiffusionBC, DiffusionQL, IDQL, BC)}
+
+
+def get_algorithm(name: str) -> type[Agent]:
+    """The agent class for an algorithm name, with one clear error for unknown names."""
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}") from None
+
+
+def load_policy(path: str, device: str = "auto", *, solver: str | None = None, steps: int | None = None) -> Agent:
+    """Load any saved policy; `policy.act(obs)` then maps numpy observations to numpy actions.
+
+    solver / steps: the sampling defaults for `act` (each call may still override them).
+    """
+    return Agent.load(path, device, solver=solver, steps=steps)
+
+
+__all__ = ["ALGORITHMS", "BC", "IDQL", "Agent", "DiffusionBC", "DiffusionQL", "get_algorithm", "load_policy",
+           "make_config"]

@@ -1,0 +1,191 @@
+"""What every policy shares: its config, the observation normalizer, numpy `act`, save and load.
+
+An algorithm module subclasses `Agent`, declares a `Config` dataclass (its hyperparameters, with the
+papers' defaults) and writes three things: `__init__` (networks and optimizers), `update(batch)`
+and `_act(obs, solver, steps)` on normalized observation tensors. Everything a user touches
+(`act` on numpy, `save`, `load`, dimension checks) lives here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cleandiff_rl.data.normalizers import Normalizer, normalizer_from_state
+from cleandiff_rl.diffusion.solvers import get_solver
+from cleandiff_rl.utils import atomic_save, load_checkpoint, resolve_device
+
+CHECKPOINT_FORMAT = 1
+
+
+def make_config(cls: type, values: dict[str, Any] | None) -> Any:
+    """Build a config dataclass from a dict; an unknown key is one clear error naming the valid ones."""
+    values = dict(values or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"unknown {cls.__qualname__} settings {unknown}; valid: {sorted(fields)}")
+    return cls(**values)
+
+
+class Agent(nn.Module):
+    """Base class of the offline-RL policies.
+
+    Args:
+        obs_dim / act_dim: observation and action sizes.
+        config: the algorithm's settings (a dict or its `Config`); missing keys take the defaults.
+        obs_normalizer: state of the normalizer the training data went through (None: raw obs).
+        env_id / dataset_id: recorded in checkpoints, so evaluation knows what the policy is for.
+        action_bounds: (low, high) of the env's action box. The networks work in [-1, 1]: training
+            actions go through `normalize_action`, and `act` maps back to the box (None: already [-1, 1]).
+        device: where the agent lives; build it there (`load_policy(path, device)`) rather than `.to()` it.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    is_diffusion: ClassVar[bool] = True
+
+    def __init__(self, obs_dim: int, act_dim: int, config: dict | Any = None, *,
+                 obs_normalizer: dict | None = None, env_id: str | None = None, dataset_id: str | None = None,
+                 action_bounds: tuple[Any, Any] | None = None, device: str | torch.device = "auto"):
+        super().__init__()
+        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.config = config if isinstance(config, self.Config) else make_config(self.Config, config)
+        self.env_id, self.dataset_id = env_id, dataset_id
+        self._device = resolve_device(device)
+        self.normalizer_state = obs_normalizer
+        self.obs_normalizer: Normalizer | None = (
+            None if obs_normalizer is None else normalizer_from_state(obs_normalizer, self._device))
+        self.action_bounds = None if action_bounds is None else tuple(np.asarray(b, np.float32).tolist()
+                                                                      for b in action_bounds)
+        low, high = (-1.0, 1.0) if action_bounds is None else action_bounds
+        self._act_low = torch.as_tensor(low, dtype=torch.float32, device=self._device)
+        self._act_half_range = (torch.as_tensor(high, dtype=torch.float32, device=self._device) - self._act_low) / 2
+        self.solver = getattr(self.config, "solver", None)
+        self.steps = getattr(self.config, "sampling_steps", None)
+        self.last_sample_log: dict = {}
+        self.updates = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # ---- the three things an algorithm writes ----------------------------------------------------
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """One training step on a batch of normalized transitions; returns scalar metrics."""
+        raise NotImplementedError
+
+    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
+        """Actions `(n, act_dim)` for normalized observations `(n, obs_dim)`."""
+        raise NotImplementedError
+
+    def prepare(self, dataset: Any) -> None:
+        """Fit dataset statistics the algorithm needs before training (e.g. IDQL's reward scale)."""
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers whose state a checkpoint keeps (so training resumes exactly)."""
+        return {}
+
+    def normalize_action(self, action: Tensor) -> Tensor:
+        """Env actions -> the networks' [-1, 1]."""
+        return (action - self._act_low) / self._act_half_range - 1.0
+
+    # ---- acting ---------------------------------------------------------------------------------
+
+    def set_sampling(self, solver: str | None = None, steps: int | None = None) -> Agent:
+        """Change the default solver and/or number of steps used by `act` (no retraining needed)."""
+        if solver is not None:
+            get_solver(solver)  # unknown names fail here, not at the first action
+            self.solver = solver
+        if steps is not None:
+            if not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"steps must be a positive integer, got {steps!r}")
+            self.steps = steps
+        return self
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray | Tensor, *, solver: str | None = None, steps: int | None = None,
+            generator: torch.Generator | None = None) -> np.ndarray:
+        """Actions for one observation `(obs_dim,)` or a batch `(n, obs_dim)`; numpy in, numpy out.
+
+        solver / steps: override the defaults (`set_sampling`, or the config) for this call.
+        """
+        obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32) if not torch.is_tensor(obs) else obs,
+                                dtype=torch.float32, device=self.device)
+        single = obs_t.dim() == 1
+        if single:
+            obs_t = obs_t[None]
+        if obs_t.dim() != 2 or obs_t.shape[1] != self.obs_dim:
+            raise ValueError(f"{self.name} policy expects observations of shape ({self.obs_dim},) or "
+                             f"(n, {self.obs_dim}) (trained on {self.dataset_id or 'its dataset'}), "
+                             f"got {tuple(np.shape(obs))}")
+        if self.is_diffusion:
+            solver = solver if solver is not None else self.solver
+            steps = int(steps) if steps is not None else self.steps
+            get_solver(solver)
+            if steps < 1:
+                raise ValueError(f"steps must be a positive integer, got {steps}")
+        if self.obs_normalizer is not None:
+            obs_t = self.obs_normalizer.normalize(obs_t)
+        was_training = self.training
+        self.eval()
+        try:
+            action = self._act(obs_t, solver, steps, generator)
+        finally:
+            self.train(was_training)
+        action = ((action + 1.0) * self._act_half_range + self._act_low).float().cpu().numpy()
+        return action[0] if single else action
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, **extra: Any) -> Path:
+        """Write weights, optimizer states, config and normalizer atomically; `extra` rides along."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "algo": self.name,
+            "config": dataclasses.asdict(self.config),
+            "obs_dim": self.obs_dim,
+            "act_dim": self.act_dim,
+            "env_id": self.env_id,
+            "dataset_id": self.dataset_id,
+            "obs_normalizer": self.normalizer_state,
+            "action_bounds": self.action_bounds,
+            "updates": self.updates,
+            "model": self.state_dict(),
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers().items()},
+            **extra,
+        }
+        return atomic_save(state, path)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict, device: str | torch.device = "auto") -> Agent:
+        """Rebuild the agent a checkpoint dict (from `load_checkpoint`) describes."""
+        agent = cls(state["obs_dim"], state["act_dim"], state["config"], obs_normalizer=state["obs_normalizer"],
+                    env_id=state["env_id"], dataset_id=state["dataset_id"],
+                    action_bounds=state.get("action_bounds"), device=device)
+        agent.load_state_dict(state["model"])
+        for key, opt in agent.optimizers().items():
+            opt.load_state_dict(state["optimizers"][key])
+        agent.updates = state["updates"]
+        return agent
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "auto", *,
+             solver: str | None = None, steps: int | None = None) -> Agent:
+        """Load a checkpoint written by `save` (of this algorithm, or any when called on `Agent`)."""
+        from cleandiff_rl.agents import get_algorithm
+
+        state = load_checkpoint(path)
+        if state.get("format") != CHECKPOINT_FORMAT or "algo" not in state:
+            raise ValueError(f"{path} is not a cleandiff_rl policy checkpoint")
+        algo_cls = get_algorithm(state["algo"])
+        if cls is not Agent and algo_cls is not cls:
+            raise ValueError(f"{path} holds a {state['algo']!r} policy, not {cls.name!r}")
+        return algo_cls.from_checkpoint(state, device).set_sampling(solver, steps)

@@ -1,0 +1,115 @@
+"""Diffusion-QL (Wang, Hunt & Zhou, ICLR 2023): a diffusion actor trained with BC plus Q-learning.
+
+Per update (Zhendong-Wang/Diffusion-Policies-for-Offline-RL, agents/ql_diffusion.py):
+1. Critic: twin Q-networks regress r + gamma (1 - terminal) min(Q1', Q2')(s', a'), where a' is
+   sampled from the EMA actor at s' and Q' are the target networks.
+2. Actor: L = L_bc + eta * L_q, where L_bc is the denoising loss on dataset actions and
+   L_q = -Q_i(s, a_pi) / mean|Q_j(s, a_pi)| (i random, j the other, the denominator detached)
+   with a_pi sampled from the online actor *with gradients through every sampling step*.
+3. Both gradient norms are clipped at the per-task `grad_norm`; targets track the critic with
+   tau = 0.005 every step; the actor's EMA (0.995) updates every 5 steps from step 1000.
+Acting: sample `num_candidates` actions per state and draw one with probability softmax(Q).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cleandiff_rl.agents.base import Agent
+from cleandiff_rl.agents.common import (
+    DiffusionActorConfig,
+    TwinQ,
+    diffusion_actor,
+    sample_candidates,
+    select,
+    soft_update,
+)
+from cleandiff_rl.nn import DQLMlp
+from cleandiff_rl.utils import optimizer_step
+
+
+@dataclass
+class DiffusionQLConfig(DiffusionActorConfig):
+    """Defaults: the original's (main.py, hopper-medium); per-task eta and grad_norm live in configs/task."""
+
+    eta: float = 1.0  # weight of the Q term
+    grad_norm: float = 9.0  # max gradient norm of actor and critic (0 = no clipping)
+    discount: float = 0.99
+    tau: float = 0.005  # target critic Polyak rate, every step
+    critic_lr: float = 3e-4
+    critic_hidden: int = 256
+    num_candidates: int = 50  # actions sampled per state when acting
+    selection: str = "softmax"  # softmax (the original, temperature 1), argmax, or expectile (not for DQL)
+    selection_temperature: float = 1.0
+    act_with_ema: bool = True  # the original acts with the online actor; the EMA one is steadier
+
+
+class DiffusionQL(Agent):
+    name = "dql"
+    Config = DiffusionQLConfig
+
+    def __init__(self, obs_dim: int, act_dim: int, config: dict | DiffusionQLConfig | None = None, **kwargs):
+        super().__init__(obs_dim, act_dim, config, **kwargs)
+        cfg = self.config
+        if cfg.selection not in ("softmax", "argmax"):
+            raise ValueError(f"Diffusion-QL selects candidates by 'softmax' or 'argmax' of Q, got {cfg.selection!r}")
+        clip = cfg.grad_norm or None
+        self.actor = diffusion_actor(cfg, DQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim), grad_clip_norm=clip,
+                                     device=self.device)
+        hidden = (cfg.critic_hidden,) * 3
+        self.critic = TwinQ(obs_dim, act_dim, hidden, act="mish").to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"actor": self.actor.optimizer, "critic": self.critic_optimizer}
+
+    def _sample(self, obs: Tensor, *, use_ema: bool, requires_grad: bool = False) -> Tensor:
+        prior = obs.new_zeros(obs.shape[0], self.act_dim)
+        action, _ = self.actor.sample(prior, solver=self.config.solver, steps=self.config.sampling_steps,
+                                      condition_cfg=obs, use_ema=use_ema, requires_grad=requires_grad)
+        return action
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        cfg = self.config
+        obs, act, next_obs = batch["obs"], batch["act"], batch["next_obs"]
+        self.updates += 1
+        self.actor.model.train()
+
+        # 1. critic: clipped double-Q target with the next action from the EMA actor
+        with torch.no_grad():
+            next_act = self._sample(next_obs, use_ema=True)
+            target = batch["rew"] + cfg.discount * (1.0 - batch["terminal"]) * self.critic_target.q_min(next_obs, next_act)
+        q1, q2 = self.critic(obs, act)
+        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        critic_grad = optimizer_step(self.critic_optimizer, critic_loss, self.critic.parameters(), cfg.grad_norm or None,
+                                     name="critic loss")
+
+        # 2. actor: BC loss + eta * normalized Q loss, gradients through the whole sampling chain
+        bc_loss = self.actor.loss(act, obs)
+        new_act = self._sample(obs, use_ema=False, requires_grad=True)
+        q1_pi, q2_pi = self.critic(obs, new_act)
+        if torch.rand(()) > 0.5:
+            q_loss = -q1_pi.mean() / q2_pi.abs().mean().detach()
+        else:
+            q_loss = -q2_pi.mean() / q1_pi.abs().mean().detach()
+        actor_grad = self.actor.step(bc_loss + cfg.eta * q_loss)  # the critic's grads are cleared before its next step
+
+        # 3. target critic
+        soft_update(self.critic_target, self.critic, cfg.tau)
+        return {"actor/bc_loss": bc_loss.item(), "actor/q_loss": q_loss.item(), "actor/grad_norm": actor_grad,
+                "critic/loss": critic_loss.item(), "critic/grad_norm": critic_grad,
+                "critic/q_mean": q1.mean().item(), "critic/target_mean": target.mean().item()}
+
+    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
+        cfg = self.config
+        obs_rep, actions, self.last_sample_log = sample_candidates(
+            self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, use_ema=cfg.act_with_ema,
+            generator=generator)
+        q = self.critic_target.q_min(obs_rep, actions)
+        return select(actions, q, cfg.num_candidates, cfg.selection, cfg.selection_temperature, generator)

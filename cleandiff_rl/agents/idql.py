@@ -1,0 +1,125 @@
+"""IDQL (Hansen-Estruch et al. 2023): IQL critics + a diffusion behavior model, combined at act time.
+
+Per update (philippe-eecs/IDQL, jaxrl5/agents/ddpm_iql_simple/ddpm_iql_learner.py):
+1. Value: V(s) fits the tau-expectile (tau = 0.7) of min(Q1', Q2')(s, a) over dataset actions.
+2. Critic: twin Q regress r * reward_scale + gamma (1 - terminal) V(s'); targets track with 0.005.
+3. Behavior: a diffusion model (IDQL's LN-ResNet) learns pi_beta(a | s) by plain denoising; it
+   never sees Q, so actor and critic train independently.
+Acting: sample `num_candidates` actions from the EMA behavior model and resample one with the
+implicit-policy weights of the expectile loss, w = |tau - 1(Q < V)| / |Q - V| (`selection:
+expectile`, the paper's), or take argmax Q (the released code's evaluation), or softmax.
+Rewards are scaled by 1000 / (max - min episode return) of the dataset, as in the original.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cleandiff_rl.agents.base import Agent
+from cleandiff_rl.agents.common import (
+    SELECTIONS,
+    DiffusionActorConfig,
+    TwinQ,
+    diffusion_actor,
+    sample_candidates,
+    select,
+    soft_update,
+)
+from cleandiff_rl.nn import IDQLMlp
+from cleandiff_rl.nn.layers import mlp
+from cleandiff_rl.utils import optimizer_step
+
+
+@dataclass
+class IDQLConfig(DiffusionActorConfig):
+    """Defaults: the original's (launcher train_ddpm_iql_offline.py); see `DiffusionActorConfig`."""
+
+    weight_decay: float = 1e-4  # optax adamw default
+    ema_rate: float = 0.999  # actor_tau 0.001 every step from step 0
+    ema_every: int = 1
+    ema_start: int = 0
+    n_blocks: int = 3
+    dropout: float = 0.1
+    expectile: float = 0.7
+    discount: float = 0.99
+    tau: float = 0.005
+    critic_lr: float = 3e-4
+    critic_hidden: int = 256
+    scale_rewards: bool = True  # r * 1000 / (max - min episode return)
+    num_candidates: int = 64
+    selection: str = "expectile"
+    selection_temperature: float = 1.0  # used by softmax only
+
+
+class IDQL(Agent):
+    name = "idql"
+    Config = IDQLConfig
+
+    def __init__(self, obs_dim: int, act_dim: int, config: dict | IDQLConfig | None = None, **kwargs):
+        super().__init__(obs_dim, act_dim, config, **kwargs)
+        cfg = self.config
+        if cfg.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {cfg.selection!r}; valid: {', '.join(SELECTIONS)}")
+        backbone = IDQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim, n_blocks=cfg.n_blocks, dropout=cfg.dropout)
+        self.actor = diffusion_actor(cfg, backbone, device=self.device)
+        hidden = (cfg.critic_hidden,) * 2
+        self.critic = TwinQ(obs_dim, act_dim, hidden, act="relu").to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.value = nn.Sequential(nn.LayerNorm(obs_dim), mlp(obs_dim, hidden, 1, "relu")).to(self.device)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=cfg.critic_lr)
+        self.register_buffer("reward_scale", torch.ones((), device=self.device))
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"actor": self.actor.optimizer, "critic": self.critic_optimizer, "value": self.value_optimizer}
+
+    def prepare(self, dataset) -> None:
+        """Fix the reward scale from the dataset's episode returns (before training)."""
+        returns = dataset.episode_returns
+        spread = float(returns.max() - returns.min())
+        if self.config.scale_rewards and spread > 0:
+            self.reward_scale.fill_(1000.0 / spread)
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        cfg = self.config
+        obs, act = batch["obs"], batch["act"]
+        self.updates += 1
+
+        # 1. value: expectile regression onto the target critic
+        with torch.no_grad():
+            q_target = self.critic_target.q_min(obs, act)
+        v = self.value(obs).squeeze(-1)
+        diff = q_target - v
+        value_loss = (torch.abs(cfg.expectile - (diff < 0).float()) * diff**2).mean()
+        optimizer_step(self.value_optimizer, value_loss, self.value.parameters(), name="value loss")
+
+        # 2. critic: one-step TD onto V(s')
+        with torch.no_grad():
+            next_v = self.value(batch["next_obs"]).squeeze(-1)
+            target = batch["rew"] * self.reward_scale + cfg.discount * (1.0 - batch["terminal"]) * next_v
+        q1, q2 = self.critic(obs, act)
+        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        optimizer_step(self.critic_optimizer, critic_loss, self.critic.parameters(), name="critic loss")
+        soft_update(self.critic_target, self.critic, cfg.tau)
+
+        # 3. behavior model: denoising only
+        actor = self.actor.update(act, obs)
+        return {"actor/bc_loss": actor["loss"], "actor/grad_norm": actor["grad_norm"], "value/loss": value_loss.item(),
+                "value/v_mean": v.mean().item(), "critic/loss": critic_loss.item(), "critic/q_mean": q1.mean().item()}
+
+    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
+        cfg = self.config
+        obs_rep, actions, self.last_sample_log = sample_candidates(
+            self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, generator=generator)
+        q = self.critic_target.q_min(obs_rep, actions)
+        if cfg.selection == "expectile":
+            adv = q - self.value(obs_rep).squeeze(-1)
+            scores = torch.abs(cfg.expectile - (adv < 0).float()) / adv.abs().clamp_min(1e-6)
+        else:
+            scores = q
+        return select(actions, scores, cfg.num_candidates, cfg.selection, cfg.selection_temperature, generator)

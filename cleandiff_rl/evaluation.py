@@ -1,0 +1,211 @@
+"""Vectorized MuJoCo evaluation of a policy, and sweeps of one diffusion policy over solvers x steps.
+
+`evaluate` runs N episodes side by side in a `SyncVectorEnv` (one batched `policy.act` per env step)
+and reports returns, D4RL-normalized scores (x100), NFE and time per action. `sweep` repeats that for
+every (solver, steps) pair of one checkpoint and writes sweep.csv / sweep.json and TensorBoard scalars
+(score, return and time per action against NFE, one curve per solver).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Sequence
+from functools import partial
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cleandiff_rl.agents.base import Agent
+from cleandiff_rl.data.registry import reference_scores
+from cleandiff_rl.diffusion.solvers import SOLVERS, get_solver
+
+CROSS_SOLVERS: tuple[str, ...] = SOLVERS[:10]
+COLUMNS = ("solver", "steps", "nfe", "score_mean", "score_se", "return_mean", "return_se", "length_mean",
+           "time_per_action_ms", "error")
+
+
+def _env_id(policy: Agent, env_id: str | None) -> str:
+    env_id = env_id or policy.env_id
+    if env_id is None:
+        raise ValueError(f"no env_id given and the policy (trained on {policy.dataset_id}) records none; "
+                         "pass env_id=<gymnasium id>")
+    return env_id
+
+
+def _check_spaces(policy: Agent, env_id: str, obs_space: gym.Space, act_space: gym.Space) -> None:
+    """One clear error when the env's observation/action sizes differ from the policy's."""
+    obs_shape, act_shape = tuple(obs_space.shape or ()), tuple(act_space.shape or ())
+    if obs_shape != (policy.obs_dim,) or act_shape != (policy.act_dim,):
+        raise ValueError(f"policy (obs dim {policy.obs_dim}, act dim {policy.act_dim}, trained on "
+                         f"{policy.dataset_id}) does not fit env {env_id} (observation shape {obs_shape}, "
+                         f"action shape {act_shape})")
+
+
+def _mean_se(values: np.ndarray) -> tuple[float, float]:
+    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return float(values.mean()), se
+
+
+def _references(policy: Agent, env_id: str) -> tuple[float, float] | None:
+    for key in (policy.dataset_id, env_id):
+        try:
+            return reference_scores(key)
+        except ValueError:
+            continue
+    return None
+
+
+def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, seed: int = 0,
+             solver: str | None = None, steps: int | None = None) -> dict[str, Any]:
+    """Run `episodes` episodes (env seeds seed, seed+1, ...) at once; return their statistics.
+
+    env_id: defaults to the one the policy records. solver / steps: default to the policy's.
+    Returns env_id, episodes, returns (per episode), return_mean/se, score_mean/se (D4RL x100; None
+    without reference scores), length_mean, time_per_action_ms (wall time of one batched
+    `policy.act`, i.e. per env step), nfe (per action; None for non-diffusion policies), solver, steps.
+    """
+    env_id = _env_id(policy, env_id)
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    envs = gym.vector.SyncVectorEnv([partial(gym.make, env_id)] * episodes)
+    try:
+        _check_spaces(policy, env_id, envs.single_observation_space, envs.single_action_space)
+        if policy.is_diffusion:
+            solver = policy.solver if solver is None else solver
+            steps = policy.steps if steps is None else steps
+            get_solver(solver)
+        else:
+            solver = steps = None
+        low, high = envs.single_action_space.low, envs.single_action_space.high
+        generator = torch.Generator(policy.device).manual_seed(seed)
+        obs, _ = envs.reset(seed=list(range(seed, seed + episodes)))
+        returns, lengths = np.zeros(episodes), np.zeros(episodes, dtype=np.int64)
+        running = np.ones(episodes, dtype=bool)
+        actions = np.zeros((episodes, policy.act_dim), dtype=envs.single_action_space.dtype)
+        call_seconds = 0.0
+        calls = 0
+        while running.any():  # finished envs are autoreset by the vector env; their later steps are ignored
+            start = time.perf_counter()
+            actions[running] = policy.act(obs[running], solver=solver, steps=steps, generator=generator)
+            call_seconds += time.perf_counter() - start
+            calls += 1
+            obs, reward, terminated, truncated, _ = envs.step(np.clip(actions, low, high))
+            returns[running] += reward[running]
+            lengths[running] += 1
+            running &= ~(terminated | truncated)
+    finally:
+        envs.close()
+    return_mean, return_se = _mean_se(returns)
+    refs = _references(policy, env_id)
+    score_mean = score_se = None
+    if refs is not None:
+        lo, hi = refs
+        score_mean, score_se = 100 * (return_mean - lo) / (hi - lo), 100 * return_se / (hi - lo)
+    return {"env_id": env_id, "episodes": episodes, "returns": returns.tolist(), "return_mean": return_mean,
+            "return_se": return_se, "score_mean": score_mean, "score_se": score_se,
+            "length_mean": float(lengths.mean()), "time_per_action_ms": 1000 * call_seconds / calls,
+            "nfe": policy.last_sample_log.get("nfe") if policy.is_diffusion else None,
+            "solver": solver, "steps": steps}
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_sweep(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write sweep.csv (the `COLUMNS`) and sweep.json (full rows) atomically; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_csv(f: Any) -> None:
+        table = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        table.writeheader()
+        table.writerows(rows)
+
+    _write_atomic(out / "sweep.csv", write_csv)
+    _write_atomic(out / "sweep.json", lambda f: json.dump(rows, f, indent=1))
+    return out / "sweep.csv", out / "sweep.json"
+
+
+def sweep(policy: Agent, env_id: str | None = None, *, solvers: Sequence[str] = CROSS_SOLVERS,
+          steps: Sequence[int] = (1, 2, 5, 10, 20), episodes: int = 10, seed: int = 0,
+          out_dir: str | os.PathLike | None = None, writer: Any = None, progress: bool = True) -> list[dict]:
+    """Evaluate one diffusion policy with every solver at every number of steps (same env seeds each).
+
+    A pair the sampler rejects (ValueError, e.g. more steps than a discrete schedule's T) becomes a row
+    with `error` set and no scores. out_dir: sweep.csv / sweep.json, rewritten after every pair.
+    writer: a SummaryWriter; scalars sweep/{score,return,time_per_action_ms}/<solver> against NFE.
+    """
+    if not policy.is_diffusion:
+        raise ValueError(f"sweep needs a diffusion policy; {policy.name!r} has no solver or steps (use evaluate)")
+    solvers, steps = list(solvers), list(steps)
+    for name in solvers:
+        get_solver(name)
+    if not all(isinstance(n, int) and n >= 1 for n in steps):
+        raise ValueError(f"steps must be positive integers, got {steps}")
+    env_id = _env_id(policy, env_id)
+    env = gym.make(env_id)
+    try:
+        _check_spaces(policy, env_id, env.observation_space, env.action_space)
+    finally:
+        env.close()
+    rows: list[dict] = []
+    bar = tqdm(list(product(solvers, steps)), desc=f"sweep {env_id}", disable=not progress, dynamic_ncols=True)
+    for solver, n in bar:
+        try:
+            row = {**evaluate(policy, env_id, episodes=episodes, seed=seed, solver=solver, steps=n), "error": None}
+        except ValueError as err:
+            row = {"env_id": env_id, "episodes": episodes, **dict.fromkeys(COLUMNS), "solver": solver, "steps": n,
+                   "error": str(err)}
+        rows.append(row)
+        metric = "score" if row["score_mean"] is not None else "return"
+        bar.set_postfix({"solver": solver, "steps": n, "nfe": row["nfe"],
+                         metric: "error" if row["error"] else f"{row[f'{metric}_mean']:.1f}"})
+        if writer is not None and row["error"] is None:
+            if row["score_mean"] is not None:
+                writer.add_scalar(f"sweep/score/{solver}", row["score_mean"], row["nfe"])
+            writer.add_scalar(f"sweep/return/{solver}", row["return_mean"], row["nfe"])
+            writer.add_scalar(f"sweep/time_per_action_ms/{solver}", row["time_per_action_ms"], row["nfe"])
+        if out_dir is not None:
+            write_sweep(rows, out_dir)
+    if writer is not None:
+        writer.flush()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width table: solvers (rows) x steps (columns), cells "score ± se (nfe N)".
+
+    Shows the normalized score when the rows have one, else the return; failed pairs read "error"
+    and their messages follow the table.
+    """
+    metric = "score" if any(r.get("score_mean") is not None for r in rows) else "return"
+    steps_list = list(dict.fromkeys(r["steps"] for r in rows))
+    cells: dict[tuple[str, int], str] = {}
+    for r in rows:
+        if r.get("error"):
+            cells[r["solver"], r["steps"]] = "error"
+        elif r.get(f"{metric}_mean") is not None:
+            cells[r["solver"], r["steps"]] = f"{r[f'{metric}_mean']:.1f} ± {r[f'{metric}_se']:.1f} (nfe {r['nfe']})"
+    width = max([len(c) for c in cells.values()] + [10]) + 2
+    name_width = max([len(str(r["solver"])) for r in rows] + [6]) + 2
+    first = rows[0] if rows else {}
+    title = "normalized score (x100)" if metric == "score" else "return"
+    lines = [f"{title} ± standard error (network evaluations per action) on {first.get('env_id')}, "
+             f"{first.get('episodes')} episodes",
+             f"{'solver':<{name_width}}" + "".join(f"{f'{n} steps':>{width}}" for n in steps_list)]
+    for solver in dict.fromkeys(r["solver"] for r in rows):
+        lines.append(f"{solver:<{name_width}}" + "".join(f"{cells.get((solver, n), '-'):>{width}}" for n in steps_list))
+    errors = [f"  {r['solver']} x {r['steps']} steps: {r['error']}" for r in rows if r.get("error")]
+    return "\n".join(lines + (["errors:"] + errors if errors else []))

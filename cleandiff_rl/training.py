@@ -1,0 +1,136 @@
+"""Offline training of any policy in `cleandiff_rl.agents`: progress, TensorBoard, evaluation, resume.
+
+`train(cfg)` takes the composed `configs/train.yaml` (algo x task) and writes, in `cfg.run_dir`:
+`checkpoint.pt` (weights, optimizers, config, normalizer, step and RNG states; written atomically
+every `checkpoint_every` steps and at the end) and `tb/` (train/*, eval/score, eval/return).
+Rerunning the same command resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from cleandiff_rl.agents import ALGORITHMS, Agent, get_algorithm
+from cleandiff_rl.data import TransitionDataset, load_dataset
+from cleandiff_rl.evaluation import evaluate
+from cleandiff_rl.utils import load_checkpoint, resolve_device, seed_everything
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def register_configs() -> None:
+    """Store each algorithm's `Config` dataclass as the Hydra schema `algo_params/<name>`, so every
+    setting can be overridden on the command line (`algo.params.lr=1e-4`) with its type checked."""
+    store = ConfigStore.instance()
+    for name, cls in ALGORITHMS.items():
+        store.store(group="algo_params", name=name, node=cls.Config)
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """Compose a config from configs/ without the command line (quickstart, benchmarks, tests)."""
+    register_configs()
+    if GlobalHydra.instance().is_initialized():  # inside a @hydra.main pipeline, whose search path is configs/
+        return compose(config_name, overrides=overrides or [])
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name, overrides=overrides or [])
+
+
+def dataset_env_id(dataset: Any) -> str:
+    """The gymnasium id a Minari dataset is evaluated on (its eval env, else its env)."""
+    eval_spec = dataset.storage.metadata.get("eval_env_spec")
+    if eval_spec:
+        return json.loads(eval_spec)["id"]
+    if dataset.spec.env_spec is None:
+        raise ValueError(f"dataset {dataset.spec.dataset_id} records no environment; set env_id=<gymnasium id>")
+    return dataset.spec.env_spec.id
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all(), "numpy": np.random.get_state(),
+            "python": random.getstate(), "batches": generator.get_state()}
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["batches"])
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train (or resume) the policy `cfg` describes; return the path of the final checkpoint."""
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    algo_cls = get_algorithm(cfg.algo.name)
+    minari_dataset = load_dataset(cfg.dataset)
+    env_id = cfg.env_id or dataset_env_id(minari_dataset)
+
+    resumed = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
+    if resumed is not None and (resumed["algo"], resumed["dataset_id"]) != (algo_cls.name, cfg.dataset):
+        raise ValueError(f"{ckpt_path} holds {resumed['algo']} on {resumed['dataset_id']}, not {algo_cls.name} on "
+                         f"{cfg.dataset}; choose another run_dir or pass resume=false")
+    seed_everything(cfg.seed)
+    data = TransitionDataset(minari_dataset, device=device,
+                             normalizer_state=None if resumed is None else {"obs": resumed["obs_normalizer"]})
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if resumed is None:
+        params = OmegaConf.to_container(cfg.algo.params, resolve=True)
+        space = minari_dataset.action_space
+        agent: Agent = algo_cls(data.obs_dim, data.act_dim, params, obs_normalizer=data.normalizer_state()["obs"],
+                                env_id=env_id, dataset_id=cfg.dataset, action_bounds=(space.low, space.high),
+                                device=device)
+        agent.prepare(data)
+        start = 0
+    else:
+        agent = algo_cls.from_checkpoint(resumed, device)
+        start = resumed["step"]
+        _set_rng_state(resumed["rng"], generator)
+
+    data.data["act"] = agent.normalize_action(data.data["act"])  # the networks see actions in [-1, 1]
+    total = int(cfg.steps)
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if start == 0:
+        writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```")
+    sums: dict[str, float] = defaultdict(float)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"{algo_cls.name} {cfg.dataset}",
+               dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
+        for key, value in agent.update(data.sample(int(cfg.batch_size), generator)).items():
+            sums[key] += value
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            count = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+            for key, value in sums.items():
+                writer.add_scalar(f"train/{key}", value / count, done)
+            bar.set_postfix({k.split("/")[-1]: f"{v / count:.3g}" for k, v in list(sums.items())[:3]})
+            sums.clear()
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
+            result = evaluate(agent, env_id, episodes=cfg.eval_episodes, seed=cfg.seed + 100)
+            for key in ("score", "return"):
+                if result[f"{key}_mean"] is not None:
+                    writer.add_scalar(f"eval/{key}", result[f"{key}_mean"], done)
+            bar.write(f"step {done}: return {result['return_mean']:.1f} ± {result['return_se']:.1f}"
+                      + (f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""))
+        if done % cfg.checkpoint_every == 0 or done == total:
+            agent.save(ckpt_path, step=done, rng=_rng_state(generator), run_config=config)
+    writer.close()
+    return ckpt_path

@@ -1,0 +1,101 @@
+"""Normalized scores of BC, Diffusion BC, Diffusion-QL and IDQL at a stated training budget.
+
+Each algorithm trains through pipelines/train.py (in `jobs` parallel processes); every final
+checkpoint is then evaluated on the same seeds. Prints a table (with the dataset's own average and
+the wall time of each training run) and writes results.json / results.csv / TensorBoard in run_dir.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+from torch.utils.tensorboard import SummaryWriter
+
+from cleandiff_rl.agents import load_policy
+from cleandiff_rl.data import normalized_score, read_episodes
+from cleandiff_rl.evaluation import evaluate
+from cleandiff_rl.training import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def use_datasets_root(setting: str, dataset_id: str) -> None:
+    """Point MINARI_DATASETS_PATH at the benchmark datasets when asked to and they hold `dataset_id`."""
+    if setting == "auto":
+        if (SHARED_DATASETS / dataset_id).is_dir():
+            os.environ["MINARI_DATASETS_PATH"] = str(SHARED_DATASETS)
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(setting).resolve())
+
+
+def train_one(cfg: DictConfig, algo: str, run_dir: Path) -> float:
+    """Train one algorithm in a subprocess (one torch thread); return its wall time in seconds."""
+    overrides = [f"algo={algo}", f"task={cfg.task}", f"steps={cfg.steps[algo]}", f"seed={cfg.seed}",
+                 f"device={cfg.device}", f"eval_every={cfg.eval_every}", "eval_episodes=5", f"run_dir={run_dir}"]
+    if cfg.batch_size[algo] is not None:
+        overrides.append(f"batch_size={cfg.batch_size[algo]}")
+    start = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(run_dir.parent / f"{algo}.log", "w") as log:
+        subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), *overrides], check=True, env=env,
+                       stdout=log, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start
+
+
+@hydra.main(config_path="../configs", config_name="benchmark_quality", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    out = Path(cfg.run_dir)
+    dataset_id = compose_config([f"task={cfg.task}"]).dataset
+    use_datasets_root(cfg.datasets_root, dataset_id)
+    episodes = read_episodes(dataset_id)
+    dataset_score = float(np.mean(normalized_score(dataset_id, np.add.reduceat(episodes.rew.astype(np.float64),
+                                                                                  episodes.starts))))
+    print(f"dataset {dataset_id} ({os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}): "
+          f"{len(episodes.lengths)} episodes, {len(episodes.rew)} steps, average score {dataset_score:.1f}")
+
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        walls = dict(zip(cfg.algos, pool.map(lambda a: train_one(cfg, a, out / a), cfg.algos)))
+
+    rows = [{"algo": "dataset average", "steps": 0, "batch_size": 0, "train_minutes": 0.0,
+             "score_mean": dataset_score, "score_se": float("nan"), "return_mean": float("nan")}]
+    writer = SummaryWriter(str(out / "tb"))
+    for algo in cfg.algos:
+        policy = load_policy(str(out / algo / "checkpoint.pt"), cfg.device)
+        batch = cfg.batch_size[algo] or compose_config([f"algo={algo}"]).batch_size
+        for selection in cfg.idql_selections if algo == "idql" else [None]:
+            label = algo if selection is None else f"{algo} ({selection})"
+            if selection is not None:
+                policy.config.selection = selection
+            result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
+            rows.append({"algo": label, "steps": cfg.steps[algo], "batch_size": batch,
+                         "train_minutes": walls[algo] / 60, "score_mean": result["score_mean"],
+                         "score_se": result["score_se"], "return_mean": result["return_mean"]})
+            writer.add_scalar(f"benchmark/score/{label}", result["score_mean"], cfg.steps[algo])
+    writer.close()
+
+    (out / "results.json").write_text(json.dumps({"dataset": dataset_id, "rows": rows}, indent=2))
+    with open(out / "results.csv", "w", newline="") as f:
+        table = csv.DictWriter(f, fieldnames=list(rows[0]))
+        table.writeheader()
+        table.writerows(rows)
+    print(f"\n{'algo':<20}{'updates':>9}{'batch':>7}{'train min':>11}{'score':>16}{'return':>9}")
+    for r in rows:
+        score = f"{r['score_mean']:.1f}" + (f" ± {r['score_se']:.1f}" if np.isfinite(r["score_se"]) else "")
+        print(f"{r['algo']:<20}{r['steps']:>9}{r['batch_size']:>7}{r['train_minutes']:>11.1f}{score:>16}"
+              f"{r['return_mean']:>9.0f}")
+    print(f"\nresults: {out / 'results.json'}   TensorBoard: tensorboard --logdir {out}")
+
+
+if __name__ == "__main__":
+    main()

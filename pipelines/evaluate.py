@@ -1,0 +1,49 @@
+"""Evaluate one saved policy in MuJoCo and print its return and normalized score (mean ± se).
+
+See configs/evaluate.yaml. Writes run_dir/evaluation.json (the result, with the checkpoint path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cleandiff_rl.agents import load_policy
+from cleandiff_rl.evaluation import evaluate
+
+OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).resolve().parent.name, replace=True)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    policy = load_policy(cfg.checkpoint, cfg.device)
+    result = evaluate(policy, cfg.env_id, episodes=cfg.episodes, seed=cfg.seed, solver=cfg.solver, steps=cfg.steps)
+
+    sampling = ""
+    if policy.is_diffusion:
+        sampling = f", solver {result['solver']}, {result['steps']} steps (nfe {result['nfe']})"
+    print(f"{policy.name} policy (trained on {policy.dataset_id}, {policy.updates} updates) from {cfg.checkpoint}")
+    print(f"{result['env_id']}, {result['episodes']} episodes{sampling}")
+    print(f"return           {result['return_mean']:.1f} ± {result['return_se']:.1f}")
+    if result["score_mean"] is not None:
+        print(f"normalized score {result['score_mean']:.1f} ± {result['score_se']:.1f}")
+    print(f"episode length   {result['length_mean']:.0f}")
+    print(f"time per action  {result['time_per_action_ms']:.2f} ms (one batched call for all running episodes)")
+
+    out = Path(cfg.run_dir) / "evaluation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), **result}, indent=1))
+    os.replace(tmp, out)
+    print(f"result: {out}")
+
+
+if __name__ == "__main__":
+    main()

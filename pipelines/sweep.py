@@ -1,0 +1,44 @@
+"""Evaluate one diffusion policy checkpoint with every solver at several step counts (score vs NFE).
+
+See configs/sweep.yaml. Prints the table (normalized score ± se and NFE per solver and steps) and
+where sweep.csv, sweep.json and the TensorBoard logs are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from cleandiff_rl.agents import load_policy
+from cleandiff_rl.evaluation import format_table, sweep
+
+OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).resolve().parent.name, replace=True)
+
+
+def run_sweep(cfg: DictConfig) -> list[dict]:
+    """Load `cfg.checkpoint` and sweep it; tables in `cfg.run_dir`, TensorBoard in `cfg.run_dir`/tb."""
+    policy = load_policy(cfg.checkpoint, cfg.device)
+    writer = SummaryWriter(str(Path(cfg.run_dir) / "tb"))
+    try:
+        return sweep(policy, cfg.env_id, solvers=list(cfg.solvers), steps=list(cfg.steps), episodes=cfg.episodes,
+                     seed=cfg.seed, out_dir=cfg.run_dir, writer=writer)
+    finally:
+        writer.close()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")
+def main(cfg: DictConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rows = run_sweep(cfg)
+    out = Path(cfg.run_dir)
+    print("\n" + format_table(rows))
+    print(f"\ntables:      {out / 'sweep.csv'}, {out / 'sweep.json'}\nTensorBoard: tensorboard --logdir {out / 'tb'}")
+
+
+if __name__ == "__main__":
+    main()

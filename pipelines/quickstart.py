@@ -43,7 +43,8 @@ def main(cfg: DictConfig) -> None:
     checkpoint = train(compose_config([f"algo={cfg.algo}", f"dataset={data_id}", f"steps={cfg.train_steps}",
                                        f"batch_size={cfg.batch_size}", "eval_every=0", f"seed={cfg.seed}",
                                        f"device={cfg.device}", f"checkpoint_every={cfg.train_steps}",
-                                       f"run_dir={out / 'train'}"]))
+                                       f"run_dir={out / 'train'}",
+                                       *(f"algo.params.{k}={v}" for k, v in cfg.algo_params.items())]))
     print(f"      {time.perf_counter() - start:.0f} s")
 
     print(f"[3/3] sweep: {len(cfg.solvers)} solvers x steps {list(cfg.steps)}, {cfg.episodes} episodes each")

@@ -128,10 +128,7 @@ class Agent(nn.Module):
                              f"got {tuple(np.shape(obs))}")
         if self.is_diffusion:
             solver = solver if solver is not None else self.solver
-            steps = int(steps) if steps is not None else self.steps
-            get_solver(solver)
-            if steps < 1:
-                raise ValueError(f"steps must be a positive integer, got {steps}")
+            steps = int(steps) if steps is not None else self.steps  # the sampler rejects bad names and steps
         if self.obs_normalizer is not None:
             obs_t = self.obs_normalizer.normalize(obs_t)
         was_training = self.training

@@ -10,6 +10,7 @@ from offline_data import PENDULUM_ENV_ID, RANDOM_PENDULUM_RETURN, pendulum_datas
 import cleandiff_rl
 from cleandiff_rl.agents import ALGORITHMS, get_algorithm, load_policy
 from cleandiff_rl.agents.common import select
+from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.evaluation import evaluate
 from cleandiff_rl.training import compose_config, train
 from cleandiff_rl.utils import load_checkpoint
@@ -93,6 +94,18 @@ def test_losses_fall(minari_root):
         gen = torch.Generator().manual_seed(0)
         history = [agent.update(data.sample(128, gen))["actor/bc_loss"] for _ in range(150)]
         assert np.mean(history[-20:]) < 0.7 * np.mean(history[:5]), (name, history[:5], history[-20:])
+
+
+def test_dql_q_loss_only_reaches_levels_the_bc_loss_trains():
+    """DQL's Q loss backpropagates through the sampler's network calls. Each call's time must be one the
+    BC loss trains, else the Q term rewrites the network there unopposed (with continuous time the
+    hopper-medium actor collapsed to a corner of the action box at 5 steps, yet was fine at 4)."""
+    agent = get_algorithm("dql")(5, 2, device="cpu")
+    cfg = agent.config
+    levels, _ = agent.actor.plan(get_solver(cfg.solver), cfg.sampling_steps, "uniform")
+    called = {level.t for level in levels[:-1]}  # the last level is the clean target, not a network call
+    assert len(called) == cfg.sampling_steps
+    assert called <= set(agent.actor.schedule.sample_t(10_000).tolist())
 
 
 def test_select_modes():

@@ -20,10 +20,11 @@ class DiffusionActorConfig:
 
     The defaults are Diffusion-QL's actor (Wang et al. 2023): eps prediction on the VP SDE with
     beta_min 0.1, beta_max 10, sampled by DDPM in 5 steps with x0 clipped to the action box. The
-    original discretizes time into T = 5 levels; here time is continuous (`time: continuous`), whose
-    5-step uniform grid hits exactly the original's 5 noise levels, and the same network can also
-    be sampled at 1, 2, 10 or 20 steps by any solver. `time: discrete` with `diffusion_steps: 5`
-    gives the original's training exactly (then at most 5 sampling steps).
+    original discretizes time into T = 5 levels. Here time is continuous by default
+    (`time: continuous`). Its 5-step uniform grid hits exactly the original's 5 noise levels, and
+    the same network can also be sampled at 1, 2, 10 or 20 steps by any solver. `time: discrete`
+    with `diffusion_steps: 5` gives the original's training exactly, and then at most 5 sampling
+    steps. Diffusion-QL uses it, because its Q loss must meet the BC loss at the sampled levels.
     """
 
     time: str = "continuous"

@@ -21,8 +21,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from cleandiff_rl.agents import load_policy
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.data.registry import reference_scores
 from cleandiff_rl.diffusion.solvers import SOLVERS, get_solver
@@ -182,6 +184,20 @@ def sweep(policy: Agent, env_id: str | None = None, *, solvers: Sequence[str] = 
     if writer is not None:
         writer.flush()
     return rows
+
+
+def sweep_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tb_dir: str | os.PathLike, *,
+                     device: str = "auto", env_id: str | None = None, **kwargs: Any) -> list[dict]:
+    """Load a checkpoint and `sweep` it: tables in `out_dir`, TensorBoard scalars in `tb_dir`.
+
+    kwargs go to `sweep` (solvers, steps, episodes, seed, progress).
+    """
+    policy = load_policy(str(checkpoint), device)
+    writer = SummaryWriter(str(tb_dir))
+    try:
+        return sweep(policy, env_id, out_dir=out_dir, writer=writer, **kwargs)
+    finally:
+        writer.close()
 
 
 def format_table(rows: list[dict]) -> str:

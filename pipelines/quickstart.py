@@ -13,12 +13,10 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
-from torch.utils.tensorboard import SummaryWriter
 
-from cleandiff_rl.agents import load_policy
 from cleandiff_rl.data.builder import build_datasets
 from cleandiff_rl.data.registry import dataset_id, datasets_root
-from cleandiff_rl.evaluation import format_table, sweep
+from cleandiff_rl.evaluation import format_table, sweep_checkpoint
 from cleandiff_rl.training import compose_config, train
 
 
@@ -48,11 +46,8 @@ def main(cfg: DictConfig) -> None:
     print(f"      {time.perf_counter() - start:.0f} s")
 
     print(f"[3/3] sweep: {len(cfg.solvers)} solvers x steps {list(cfg.steps)}, {cfg.episodes} episodes each")
-    policy = load_policy(str(checkpoint), cfg.device)
-    writer = SummaryWriter(str(out / "tb_sweep"))
-    rows = sweep(policy, solvers=list(cfg.solvers), steps=list(cfg.steps), episodes=cfg.episodes, seed=cfg.seed,
-                 out_dir=out, writer=writer)
-    writer.close()
+    rows = sweep_checkpoint(checkpoint, out, out / "tb_sweep", device=cfg.device, solvers=list(cfg.solvers),
+                            steps=list(cfg.steps), episodes=cfg.episodes, seed=cfg.seed)
     print(format_table(rows))
     print(f"\ndone in {(time.perf_counter() - start) / 60:.1f} min")
     print(f"checkpoint:  {checkpoint}\ntables:      {out / 'sweep.csv'}, {out / 'sweep.json'}")

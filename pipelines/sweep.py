@@ -11,23 +11,17 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 
-from cleandiff_rl.agents import load_policy
-from cleandiff_rl.evaluation import format_table, sweep
+from cleandiff_rl.evaluation import format_table, sweep_checkpoint
 
 OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).resolve().parent.name, replace=True)
 
 
 def run_sweep(cfg: DictConfig) -> list[dict]:
     """Load `cfg.checkpoint` and sweep it; tables in `cfg.run_dir`, TensorBoard in `cfg.run_dir`/tb."""
-    policy = load_policy(cfg.checkpoint, cfg.device)
-    writer = SummaryWriter(str(Path(cfg.run_dir) / "tb"))
-    try:
-        return sweep(policy, cfg.env_id, solvers=list(cfg.solvers), steps=list(cfg.steps), episodes=cfg.episodes,
-                     seed=cfg.seed, out_dir=cfg.run_dir, writer=writer)
-    finally:
-        writer.close()
+    return sweep_checkpoint(cfg.checkpoint, cfg.run_dir, Path(cfg.run_dir) / "tb", device=cfg.device,
+                            env_id=cfg.env_id, solvers=list(cfg.solvers), steps=list(cfg.steps),
+                            episodes=cfg.episodes, seed=cfg.seed)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cleandiff_rl.agents import ALGORITHMS, Agent, get_algorithm
 from cleandiff_rl.data import TransitionDataset, load_dataset
 from cleandiff_rl.evaluation import evaluate
-from cleandiff_rl.utils import load_checkpoint, resolve_device, seed_everything
+from cleandiff_rl.utils import CudaGraphStep, finite_floats, load_checkpoint, resolve_device, seed_everything
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -110,18 +110,25 @@ def train(cfg: DictConfig) -> Path:
     config = OmegaConf.to_container(cfg, resolve=True)
     if start == 0:
         writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```")
-    sums: dict[str, float] = defaultdict(float)
+    step_fn = agent.train_step
+    if device.type == "cuda" and cfg.cuda_graph:
+        step_fn = CudaGraphStep(agent.train_step, agent.optimizers().values())
+    sums: dict[str, Tensor] = {}
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"{algo_cls.name} {cfg.dataset}",
                dynamic_ncols=True, mininterval=1.0)
     for step in bar:
-        for key, value in agent.update(data.sample(int(cfg.batch_size), generator)).items():
-            sums[key] += value
+        metrics = step_fn(data.sample(int(cfg.batch_size), generator))
+        agent.after_step()
+        for key, value in metrics.items():  # summed on the device: no sync until the next log
+            sums[key] = sums[key] + value if key in sums else value.clone()
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             count = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
-            for key, value in sums.items():
-                writer.add_scalar(f"train/{key}", value / count, done)
-            bar.set_postfix({k.split("/")[-1]: f"{v / count:.3g}" for k, v in list(sums.items())[:3]})
+            means = finite_floats({key: value / count for key, value in sums.items()},
+                                  f"in the {count} updates before update {done}")
+            for key, value in means.items():
+                writer.add_scalar(f"train/{key}", value, done)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(means.items())[:3]})
             sums.clear()
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
             result = evaluate(agent, env_id, episodes=cfg.eval_episodes, seed=cfg.seed + 100)

@@ -1,9 +1,9 @@
 """What every policy shares: its config, the observation normalizer, numpy `act`, save and load.
 
 An algorithm module subclasses `Agent`, declares a `Config` dataclass (its hyperparameters, with the
-papers' defaults) and writes three things: `__init__` (networks and optimizers), `update(batch)`
-and `_act(obs, solver, steps)` on normalized observation tensors. Everything a user touches
-(`act` on numpy, `save`, `load`, dimension checks) lives here once.
+papers' defaults) and writes three things: `__init__` (networks and optimizers), `train_step(batch)`
+(with `after_step()` for EMA updates) and `_act(obs, solver, steps)` on normalized observation
+tensors. Everything a user touches (`act` on numpy, `save`, `load`, dimension checks) lives here once.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from cleandiff_rl.data.normalizers import Normalizer, normalizer_from_state
 from cleandiff_rl.diffusion.solvers import get_solver
-from cleandiff_rl.utils import atomic_save, load_checkpoint, resolve_device
+from cleandiff_rl.utils import atomic_save, finite_floats, load_checkpoint, resolve_device
 
 CHECKPOINT_FORMAT = 1
 
@@ -78,9 +78,27 @@ class Agent(nn.Module):
 
     # ---- the three things an algorithm writes ----------------------------------------------------
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
-        """One training step on a batch of normalized transitions; returns scalar metrics."""
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One training step on a batch of normalized transitions; returns scalar metric tensors.
+
+        Tensor math only: no `.item()` or other host sync, no Python branch on a tensor value or a step
+        counter. Training on a GPU captures it once in a CUDA graph and replays it (`CudaGraphStep`);
+        per-step bookkeeping belongs in `after_step`.
+        """
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Bookkeeping after every `train_step`, outside any graph: counters and EMA updates."""
+        self.updates += 1
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """One training step (`train_step`, then `after_step`); the metrics as floats.
+
+        Raises FloatingPointError when a metric is NaN/inf (the weights then hold NaN: resume from a checkpoint).
+        """
+        metrics = self.train_step(batch)
+        self.after_step()
+        return finite_floats(metrics, f"at {self.name} update {self.updates}")
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         """Actions `(n, act_dim)` for normalized observations `(n, obs_dim)`."""

@@ -38,11 +38,10 @@ class BC(Agent):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.optimizer}
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
-        self.updates += 1
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         loss = F.mse_loss(self.net(batch["obs"]), batch["act"])
-        grad_norm = optimizer_step(self.optimizer, loss, self.net.parameters(), name="BC loss")
-        return {"actor/bc_loss": loss.item(), "actor/grad_norm": grad_norm}
+        grad_norm = optimizer_step(self.optimizer, loss, self.net.parameters())
+        return {"actor/bc_loss": loss.detach(), "actor/grad_norm": grad_norm}
 
     def _act(self, obs: Tensor, solver: str | None, steps: int | None, generator: torch.Generator | None) -> Tensor:
         return self.net(obs)

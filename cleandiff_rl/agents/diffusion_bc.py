@@ -35,10 +35,14 @@ class DiffusionBC(Agent):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer}
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
-        self.updates += 1
-        metrics = self.actor.update(batch["act"], batch["obs"])
-        return {"actor/bc_loss": metrics["loss"], "actor/grad_norm": metrics["grad_norm"]}
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        self.actor.model.train()
+        loss = self.actor.loss(batch["act"], batch["obs"])
+        return {"actor/bc_loss": loss.detach(), "actor/grad_norm": self.actor.optimize(loss)}
+
+    def after_step(self) -> None:
+        super().after_step()
+        self.actor.ema_update()
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         prior = obs.new_zeros(obs.shape[0], self.act_dim)

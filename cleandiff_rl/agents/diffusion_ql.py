@@ -83,10 +83,9 @@ class DiffusionQL(Agent):
                                       condition_cfg=obs, use_ema=use_ema, requires_grad=requires_grad)
         return action
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         cfg = self.config
         obs, act, next_obs = batch["obs"], batch["act"], batch["next_obs"]
-        self.updates += 1
         self.actor.model.train()
 
         # 1. critic: clipped double-Q target with the next action from the EMA actor
@@ -95,24 +94,25 @@ class DiffusionQL(Agent):
             target = batch["rew"] + cfg.discount * (1.0 - batch["terminal"]) * self.critic_target.q_min(next_obs, next_act)
         q1, q2 = self.critic(obs, act)
         critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-        critic_grad = optimizer_step(self.critic_optimizer, critic_loss, self.critic.parameters(), cfg.grad_norm or None,
-                                     name="critic loss")
+        critic_grad = optimizer_step(self.critic_optimizer, critic_loss, self.critic.parameters(), cfg.grad_norm or None)
 
         # 2. actor: BC loss + eta * normalized Q loss, gradients through the whole sampling chain
         bc_loss = self.actor.loss(act, obs)
         new_act = self._sample(obs, use_ema=False, requires_grad=True)
         q1_pi, q2_pi = self.critic(obs, new_act)
-        if torch.rand(()) > 0.5:
-            q_loss = -q1_pi.mean() / q2_pi.abs().mean().detach()
-        else:
-            q_loss = -q2_pi.mean() / q1_pi.abs().mean().detach()
-        actor_grad = self.actor.step(bc_loss + cfg.eta * q_loss)  # the critic's grads are cleared before its next step
+        flip = torch.randint(2, (), device=self.device).float()  # which critic is maximized; the other normalizes
+        q_loss = -torch.lerp(q1_pi, q2_pi, flip).mean() / torch.lerp(q2_pi, q1_pi, flip).abs().mean().detach()
+        actor_grad = self.actor.optimize(bc_loss + cfg.eta * q_loss)  # the critic's grads are cleared before its next step
 
         # 3. target critic
         soft_update(self.critic_target, self.critic, cfg.tau)
-        return {"actor/bc_loss": bc_loss.item(), "actor/q_loss": q_loss.item(), "actor/grad_norm": actor_grad,
-                "critic/loss": critic_loss.item(), "critic/grad_norm": critic_grad,
-                "critic/q_mean": q1.mean().item(), "critic/target_mean": target.mean().item()}
+        return {"actor/bc_loss": bc_loss.detach(), "actor/q_loss": q_loss.detach(), "actor/grad_norm": actor_grad,
+                "critic/loss": critic_loss.detach(), "critic/grad_norm": critic_grad,
+                "critic/q_mean": q1.detach().mean(), "critic/target_mean": target.mean()}
+
+    def after_step(self) -> None:
+        super().after_step()
+        self.actor.ema_update()
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config

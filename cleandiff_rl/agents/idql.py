@@ -85,10 +85,9 @@ class IDQL(Agent):
         if self.config.scale_rewards and spread > 0:
             self.reward_scale.fill_(1000.0 / spread)
 
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         cfg = self.config
         obs, act = batch["obs"], batch["act"]
-        self.updates += 1
 
         # 1. value: expectile regression onto the target critic
         with torch.no_grad():
@@ -96,7 +95,7 @@ class IDQL(Agent):
         v = self.value(obs).squeeze(-1)
         diff = q_target - v
         value_loss = (torch.abs(cfg.expectile - (diff < 0).float()) * diff**2).mean()
-        optimizer_step(self.value_optimizer, value_loss, self.value.parameters(), name="value loss")
+        optimizer_step(self.value_optimizer, value_loss, self.value.parameters())
 
         # 2. critic: one-step TD onto V(s')
         with torch.no_grad():
@@ -104,13 +103,19 @@ class IDQL(Agent):
             target = batch["rew"] * self.reward_scale + cfg.discount * (1.0 - batch["terminal"]) * next_v
         q1, q2 = self.critic(obs, act)
         critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-        optimizer_step(self.critic_optimizer, critic_loss, self.critic.parameters(), name="critic loss")
+        optimizer_step(self.critic_optimizer, critic_loss, self.critic.parameters())
         soft_update(self.critic_target, self.critic, cfg.tau)
 
         # 3. behavior model: denoising only
-        actor = self.actor.update(act, obs)
-        return {"actor/bc_loss": actor["loss"], "actor/grad_norm": actor["grad_norm"], "value/loss": value_loss.item(),
-                "value/v_mean": v.mean().item(), "critic/loss": critic_loss.item(), "critic/q_mean": q1.mean().item()}
+        self.actor.model.train()
+        bc_loss = self.actor.loss(act, obs)
+        actor_grad = self.actor.optimize(bc_loss)
+        return {"actor/bc_loss": bc_loss.detach(), "actor/grad_norm": actor_grad, "value/loss": value_loss.detach(),
+                "value/v_mean": v.detach().mean(), "critic/loss": critic_loss.detach(), "critic/q_mean": q1.detach().mean()}
+
+    def after_step(self) -> None:
+        super().after_step()
+        self.actor.ema_update()
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from cleandiff_rl.diffusion.schedules import make_schedule
 from cleandiff_rl.diffusion.solvers import SOLVERS, Level, Solver, get_solver, level_at, time_grid
-from cleandiff_rl.utils import optimizer_step, resolve_device
+from cleandiff_rl.utils import finite_floats, optimizer_step, resolve_device
 
 PREDICTIONS = ("eps", "x0")
 
@@ -204,14 +204,19 @@ class DiffusionModel(nn.Module):
         """One optimizer step on `loss`, gradient clipping if set, then the EMA update."""
         self.model.train()
         loss = self.loss(x0, condition)
-        return {"loss": loss.item(), "grad_norm": self.step(loss)}
+        grad_norm = self.step(loss)
+        return finite_floats({"loss": loss.detach(), "grad_norm": grad_norm}, f"in the diffusion loss at update {self.updates}")
 
-    def step(self, loss: Tensor) -> float:
-        """Optimizer step on any loss of the online network (e.g. BC + Q terms), then EMA; the grad norm."""
-        grad_norm = optimizer_step(self.optimizer, loss, self.model.parameters(), self.grad_clip_norm,
-                                   name=f"diffusion loss at update {self.updates}")
+    def step(self, loss: Tensor) -> Tensor:
+        """`optimize(loss)`, then the EMA update; returns the gradient norm."""
+        grad_norm = self.optimize(loss)
         self.ema_update()
         return grad_norm
+
+    def optimize(self, loss: Tensor) -> Tensor:
+        """Optimizer step on any loss of the online network (e.g. BC + Q terms), without the EMA update and
+        without host syncs, so that it can run inside a captured training step; returns the gradient norm."""
+        return optimizer_step(self.optimizer, loss, self.model.parameters(), self.grad_clip_norm)
 
     def get_extra_state(self) -> dict:
         return {"updates": self.updates}

@@ -82,22 +82,26 @@ class DiscreteSchedule(NoiseSchedule):
         log_alpha = 0.5 * torch.log(abar)
         self._log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), log_alpha])
         self._log_sigma = torch.cat([torch.full((1,), -math.inf, dtype=torch.float64), _log_sigma_vp(log_alpha)])
+        self._on_device: dict[tuple, Tensor] = {}
 
     @property
     def alphas_cumprod(self) -> Tensor:
         return (2 * self._log_alpha[1:]).exp()
 
-    def _lookup(self, table: Tensor, t: Tensor) -> Tensor:
+    def _lookup(self, table: str, t: Tensor) -> Tensor:
         t = torch.as_tensor(t)
         if t.is_floating_point():
             raise TypeError("a discrete schedule takes integer step indices, got a floating tensor")
-        return table.to(t.device)[t.long() + 1]
+        key = (table, t.device)  # one copy per device: no host-to-device copy per call (CUDA graphs)
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, table).to(t.device)
+        return self._on_device[key][t.long() + 1]
 
     def log_alpha(self, t: Tensor) -> Tensor:
-        return self._lookup(self._log_alpha, t)
+        return self._lookup("_log_alpha", t)
 
     def log_sigma(self, t: Tensor) -> Tensor:
-        return self._lookup(self._log_sigma, t)
+        return self._lookup("_log_sigma", t)
 
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
         """Fractional index by linear interpolation of the (decreasing) log-SNR table."""

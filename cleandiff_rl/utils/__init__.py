@@ -2,6 +2,8 @@
 
 from cleandiff_rl.utils.checkpoint import atomic_save, load_checkpoint
 from cleandiff_rl.utils.misc import resolve_device, seed_everything
-from cleandiff_rl.utils.optim import optimizer_step
+from cleandiff_rl.utils.cuda_graph import CudaGraphStep
+from cleandiff_rl.utils.optim import finite_floats, optimizer_step
 
-__all__ = ["atomic_save", "load_checkpoint", "optimizer_step", "resolve_device", "seed_everything"]
+__all__ = ["CudaGraphStep", "atomic_save", "finite_floats", "load_checkpoint", "optimizer_step", "resolve_device",
+           "seed_everything"]

@@ -1,25 +1,33 @@
-"""One optimizer step with the checks every training loop needs."""
+"""Optimizer steps that never wait for the GPU, and the one place where metrics become floats."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, parameters: Iterable[Tensor],
-                   max_norm: float | None = None, name: str = "loss") -> float:
+                   max_norm: float | None = None) -> Tensor:
     """Backpropagate `loss`, clip the gradient norm (when `max_norm` is set) and step; return the norm.
 
-    A NaN/inf loss raises FloatingPointError before the weights are touched.
+    Nothing here reads a value back to the host, so a whole update can be captured in a CUDA graph
+    (`CudaGraphStep`); a NaN/inf loss is caught where the metrics are read (`finite_floats`).
     """
-    value = loss.item()
-    if not math.isfinite(value):
-        raise FloatingPointError(f"non-finite {name} ({value}): check the batch for NaN/inf, or lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm if max_norm else math.inf)
     optimizer.step()
-    return grad_norm.item()
+    return grad_norm
+
+
+def finite_floats(metrics: Mapping[str, Tensor | float], where: str) -> dict[str, float]:
+    """Metrics as python floats; a NaN/inf one raises FloatingPointError naming it and `where`."""
+    values = {key: float(value) for key, value in metrics.items()}
+    bad = [key for key, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"non-finite {', '.join(bad)} (NaN/inf) {where}: check the data for NaN/inf, "
+                                 "or lower the learning rate")
+    return values

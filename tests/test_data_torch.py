@@ -14,6 +14,7 @@ from cleandiff_rl.data import (
     MinMaxNormalizer,
     SequenceDataset,
     TransitionDataset,
+    discounted_returns,
     normalized_score,
     normalizer_from_state,
 )
@@ -211,3 +212,9 @@ def test_normalized_score_sources(minari_root):
     assert minari.get_normalized_score(ds, np.array(5.0)) * 100 == pytest.approx(50.0)
     with pytest.raises(ValueError, match="no reference scores"):
         normalized_score("CartPole-v1", 1.0)
+
+
+def test_discounted_returns_restart_at_each_episode():
+    rew = np.array([1.0, 1.0, 1.0, 2.0])
+    out = discounted_returns(rew, np.array([0, 3]), np.array([3, 1]), discount=0.5)
+    np.testing.assert_allclose(out, [1.75, 1.5, 1.0, 2.0])

@@ -71,6 +71,17 @@ def read_episodes(dataset: minari.MinariDataset | str) -> Episodes:
     return out
 
 
+def discounted_returns(rew: np.ndarray, starts: np.ndarray, lengths: np.ndarray, discount: float) -> np.ndarray:
+    """sum_k discount^k r_{t+k} to the end of its episode, for every step t (float64)."""
+    out = np.zeros(len(rew), np.float64)
+    for start, length in zip(starts, lengths):
+        acc = 0.0
+        for t in range(start + length - 1, start - 1, -1):
+            acc = rew[t] + discount * acc
+            out[t] = acc
+    return out
+
+
 def _to(x: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(x), device=device)
 
@@ -181,12 +192,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         last = eps.starts + eps.lengths - 1
         ended = last[eps.terminal[last]]
         rew[ended] = rew[ended] + terminal_penalty if penalty_mode == "add" else terminal_penalty
-        rtg = np.zeros_like(rew)  # discounted return-to-go of every step, episode by episode
-        for start, length in zip(eps.starts, eps.lengths):
-            acc = 0.0
-            for t in range(start + length - 1, start - 1, -1):
-                acc = rew[t] + discount * acc
-                rtg[t] = acc
+        rtg = discounted_returns(rew, eps.starts, eps.lengths, discount)
 
         n_windows = np.minimum(eps.lengths - 1, max_path_length - horizon)
         if not use_padding:

@@ -21,17 +21,19 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cleandiff_rl.agents import load_policy
 from cleandiff_rl.agents.base import Agent
+from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data.registry import reference_scores
 from cleandiff_rl.diffusion.solvers import SOLVERS, get_solver
 
 CROSS_SOLVERS: tuple[str, ...] = SOLVERS[:10]
-COLUMNS = ("solver", "steps", "nfe", "score_mean", "score_se", "return_mean", "return_se", "length_mean",
-           "time_per_action_ms", "error")
+COLUMNS = ("solver", "steps", "nfe", "guidance_calls", "cfg_batched", "score_mean", "score_se", "return_mean",
+           "return_se", "length_mean", "time_per_action_ms", "error")
 
 
 def _env_id(policy: Agent, env_id: str | None) -> str:
@@ -72,7 +74,8 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
     env_id: defaults to the one the policy records. solver / steps: default to the policy's.
     Returns env_id, episodes, returns (per episode), return_mean/se, score_mean/se (D4RL x100; None
     without reference scores), length_mean, time_per_action_ms (wall time of one batched
-    `policy.act`, i.e. per env step), nfe (per action; None for non-diffusion policies), solver, steps.
+    `policy.act`, i.e. per env step), nfe / guidance_calls / cfg_batched (network calls per action, see
+    `_network_calls`; None for non-diffusion policies), solver, steps.
     """
     env_id = _env_id(policy, env_id)
     if episodes < 1:
@@ -114,8 +117,21 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
     return {"env_id": env_id, "episodes": episodes, "returns": returns.tolist(), "return_mean": return_mean,
             "return_se": return_se, "score_mean": score_mean, "score_se": score_se,
             "length_mean": float(lengths.mean()), "time_per_action_ms": 1000 * call_seconds / calls,
-            "nfe": policy.last_sample_log.get("nfe") if policy.is_diffusion else None,
-            "solver": solver, "steps": steps}
+            "solver": solver, "steps": steps, **_network_calls(policy)}
+
+
+def _network_calls(policy: Agent) -> dict[str, Any]:
+    """Network calls per action of the last sampling: nfe = backbone calls + value-gradient calls.
+
+    A classifier-free-guidance step is one backbone call when its two passes are batched together
+    (`cfg_batched`, the default) and would be two otherwise; `guidance_calls` counts the value
+    (classifier) gradients inside nfe. Scoring the finished candidates (a critic or value pass) is not counted.
+    """
+    if not policy.is_diffusion:
+        return {"nfe": None, "guidance_calls": None, "cfg_batched": None}
+    log = policy.last_sample_log
+    guidance = log.get("classifier_calls", 0)
+    return {"nfe": log["nfe"] + guidance, "guidance_calls": guidance, "cfg_batched": log.get("cfg_batched", False)}
 
 
 def _write_atomic(path: Path, write: Any) -> None:
@@ -223,5 +239,40 @@ def format_table(rows: list[dict]) -> str:
              f"{'solver':<{name_width}}" + "".join(f"{f'{n} steps':>{width}}" for n in steps_list)]
     for solver in dict.fromkeys(r["solver"] for r in rows):
         lines.append(f"{solver:<{name_width}}" + "".join(f"{cells.get((solver, n), '-'):>{width}}" for n in steps_list))
+    if any(r.get("guidance_calls") for r in rows):
+        lines.append("nfe includes one value-gradient call per guided denoising step")
+    if any(r.get("cfg_batched") for r in rows):
+        lines.append("classifier-free guidance: the conditional and unconditional passes are one batched call per step")
     errors = [f"  {r['solver']} x {r['steps']} steps: {r['error']}" for r in rows if r.get("error")]
     return "\n".join(lines + (["errors:"] + errors if errors else []))
+
+
+def plan_figure(policy: Planner, env_id: str | None = None, *, seed: int = 0, dims: int = 4) -> Figure:
+    """The first plan of one episode against the states the planner then reached (replanning every
+    step), for the first `dims` state dimensions over the plan's horizon."""
+    env_id = _env_id(policy, env_id)
+    env = gym.make(env_id)
+    try:
+        _check_spaces(policy, env_id, env.observation_space, env.action_space)
+        obs, _ = env.reset(seed=seed)
+        action = policy.act(obs)
+        planned = policy.last_plan[0].cpu().numpy()
+        executed = [obs]
+        for _ in range(len(planned) - 1):
+            obs, _, terminated, truncated, _ = env.step(action)
+            executed.append(obs)
+            if terminated or truncated:
+                break
+            action = policy.act(obs)
+    finally:
+        env.close()
+    executed = np.stack(executed)
+    dims = min(dims, policy.obs_dim)
+    fig = Figure(figsize=(3.2 * dims, 2.6))
+    for d, ax in enumerate(fig.subplots(1, dims, squeeze=False)[0]):
+        ax.plot(planned[:, d], label="planned")
+        ax.plot(executed[:, d], label="executed")
+        ax.set(title=f"state[{d}]", xlabel="step")
+    fig.axes[0].legend()
+    fig.tight_layout()
+    return fig

@@ -24,8 +24,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cleandiff_rl.agents import ALGORITHMS, Agent, get_algorithm
-from cleandiff_rl.data import TransitionDataset, load_dataset
-from cleandiff_rl.evaluation import evaluate
+from cleandiff_rl.agents.base import make_config
+from cleandiff_rl.agents.planning import Planner
+from cleandiff_rl.data import load_dataset
+from cleandiff_rl.evaluation import evaluate, plan_figure
 from cleandiff_rl.utils import CudaGraphStep, finite_floats, load_checkpoint, resolve_device, seed_everything
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -88,11 +90,11 @@ def train(cfg: DictConfig) -> Path:
         raise ValueError(f"{ckpt_path} holds {resumed['algo']} on {resumed['dataset_id']}, not {algo_cls.name} on "
                          f"{cfg.dataset}; choose another run_dir or pass resume=false")
     seed_everything(cfg.seed)
-    data = TransitionDataset(minari_dataset, device=device,
-                             normalizer_state=None if resumed is None else {"obs": resumed["obs_normalizer"]})
+    params = OmegaConf.to_container(cfg.algo.params, resolve=True)
+    data = algo_cls.training_data(minari_dataset, make_config(algo_cls.Config, params), device=device,
+                                  normalizer_state=None if resumed is None else {"obs": resumed["obs_normalizer"]})
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if resumed is None:
-        params = OmegaConf.to_container(cfg.algo.params, resolve=True)
         space = minari_dataset.action_space
         agent: Agent = algo_cls(data.obs_dim, data.act_dim, params, obs_normalizer=data.normalizer_state()["obs"],
                                 env_id=env_id, dataset_id=cfg.dataset, action_bounds=(space.low, space.high),
@@ -104,7 +106,7 @@ def train(cfg: DictConfig) -> Path:
         start = resumed["step"]
         _set_rng_state(resumed["rng"], generator)
 
-    data.data["act"] = agent.normalize_action(data.data["act"])  # the networks see actions in [-1, 1]
+    data.map_actions(agent.normalize_action)  # the networks see actions in [-1, 1]
     total = int(cfg.steps)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -135,6 +137,8 @@ def train(cfg: DictConfig) -> Path:
             for key in ("score", "return"):
                 if result[f"{key}_mean"] is not None:
                     writer.add_scalar(f"eval/{key}", result[f"{key}_mean"], done)
+            if isinstance(agent, Planner):
+                writer.add_figure("eval/plan", plan_figure(agent, env_id, seed=cfg.seed + 100), done)
             bar.write(f"step {done}: return {result['return_mean']:.1f} ± {result['return_se']:.1f}"
                       + (f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""))
         if done % cfg.checkpoint_every == 0 or done == total:

@@ -1,4 +1,5 @@
-"""Offline-RL policies on the diffusion core: Diffusion BC, Diffusion-QL, IDQL (and plain BC as a baseline).
+"""Offline-RL agents on the diffusion core: the policies Diffusion BC, Diffusion-QL, IDQL (and plain BC as a
+baseline) and the planners Diffuser and Decision Diffuser.
 
 Each algorithm reads top to bottom in its own module; `Agent` (base.py) holds what they share.
 """
@@ -7,11 +8,14 @@ from __future__ import annotations
 
 from cleandiff_rl.agents.base import Agent, make_config
 from cleandiff_rl.agents.bc import BC
+from cleandiff_rl.agents.decision_diffuser import DecisionDiffuser
+from cleandiff_rl.agents.diffuser import Diffuser
 from cleandiff_rl.agents.diffusion_bc import DiffusionBC
 from cleandiff_rl.agents.diffusion_ql import DiffusionQL
 from cleandiff_rl.agents.idql import IDQL
 
-ALGORITHMS: dict[str, type[Agent]] = {cls.name: cls for cls in (DiffusionBC, DiffusionQL, IDQL, BC)}
+ALGORITHMS: dict[str, type[Agent]] = {cls.name: cls for cls in (DiffusionBC, DiffusionQL, IDQL, BC, Diffuser,
+                                                                 DecisionDiffuser)}
 
 
 def get_algorithm(name: str) -> type[Agent]:
@@ -30,5 +34,5 @@ def load_policy(path: str, device: str = "auto", *, solver: str | None = None, s
     return Agent.load(path, device, solver=solver, steps=steps)
 
 
-__all__ = ["ALGORITHMS", "BC", "IDQL", "Agent", "DiffusionBC", "DiffusionQL", "get_algorithm", "load_policy",
-           "make_config"]
+__all__ = ["ALGORITHMS", "BC", "IDQL", "Agent", "DecisionDiffuser", "Diffuser", "DiffusionBC", "DiffusionQL",
+           "get_algorithm", "load_policy", "make_config"]

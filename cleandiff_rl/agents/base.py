@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from cleandiff_rl.data.normalizers import Normalizer, normalizer_from_state
+from cleandiff_rl.data.torch_datasets import TransitionDataset
 from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.utils import atomic_save, finite_floats, load_checkpoint, resolve_device
 
@@ -103,6 +104,15 @@ class Agent(nn.Module):
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         """Actions `(n, act_dim)` for normalized observations `(n, obs_dim)`."""
         raise NotImplementedError
+
+    @classmethod
+    def training_data(cls, dataset: Any, config: Any, *, device: torch.device,
+                      normalizer_state: dict | None = None) -> TransitionDataset:
+        """The torch dataset `train` samples batches from: (s, a, r, s') transitions for policies.
+
+        `config` is this class's `Config`; `normalizer_state` a checkpoint's, when resuming.
+        """
+        return TransitionDataset(dataset, device=device, normalizer_state=normalizer_state)
 
     def prepare(self, dataset: Any) -> None:
         """Fit dataset statistics the algorithm needs before training (e.g. IDQL's reward scale)."""

@@ -6,6 +6,7 @@ indices on that device and gathers, so the training loop makes no numpy copies.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import minari
@@ -141,6 +142,10 @@ class TransitionDataset(torch.utils.data.Dataset):
         idx = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
         return {k: v[idx] for k, v in self.data.items()}
 
+    def map_actions(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the stored actions by fn(actions), e.g. the agent's map to [-1, 1]."""
+        self.data["act"] = fn(self.data["act"])
+
     def normalizer_state(self) -> dict:
         """What a checkpoint stores to rebuild the same normalization."""
         return {"obs": None if self.obs_normalizer is None else self.obs_normalizer.state_dict()}
@@ -158,7 +163,8 @@ class SequenceDataset(torch.utils.data.Dataset):
       * `values` = sum_k discount^k r_{start+k} to the episode end; an episode that terminated (not a
         time-limit cut) gets `terminal_penalty` on its last reward, added (Diffuser, default) or
         replacing the reward (`penalty_mode="replace"`, CleanDiffuser).
-    Observations and actions are normalized (Gaussian by default, as Diffuser's locomotion config).
+    Observations and actions are normalized (Gaussian by default, as Diffuser's locomotion config);
+    `normalize_actions=False` leaves actions raw (the planners map them to [-1, 1] with `map_actions`).
     """
 
     def __init__(
@@ -172,6 +178,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         max_path_length: int = 1000,
         use_padding: bool = True,
         normalizer: str | None = "gaussian",
+        normalize_actions: bool = True,
         normalizer_state: dict | None = None,
         device: str | torch.device = "auto",
     ):
@@ -207,7 +214,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         obs = _to(np.concatenate([eps.obs, np.zeros((1, eps.obs.shape[1]), np.float32)]), self.device)
         act = _to(np.concatenate([eps.act, np.zeros((1, eps.act.shape[1]), np.float32)]), self.device)
         self.obs_normalizer = _normalizer(normalizer, obs[:-1], normalizer_state, "obs")
-        self.act_normalizer = _normalizer(normalizer, act[:-1], normalizer_state, "act")
+        self.act_normalizer = _normalizer(normalizer if normalize_actions else None, act[:-1], normalizer_state, "act")
         self.obs = obs if self.obs_normalizer is None else self.obs_normalizer.normalize(obs)
         self.act = act if self.act_normalizer is None else self.act_normalizer.normalize(act)
         self.pad_row = len(eps.rew)
@@ -236,6 +243,10 @@ class SequenceDataset(torch.utils.data.Dataset):
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Random windows: obs (B, H, obs_dim), act (B, H, act_dim), values (B,), mask (B, H)."""
         return self._gather(torch.randint(len(self), (batch_size,), device=self.device, generator=generator))
+
+    def map_actions(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the stored actions (padding row included) by fn(actions)."""
+        self.act = fn(self.act)
 
     def normalizer_state(self) -> dict:
         """What a checkpoint stores; pass it back as `normalizer_state=` to reuse the same maps."""

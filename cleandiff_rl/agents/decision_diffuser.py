@@ -1,0 +1,115 @@
+"""Decision Diffuser (Ajay et al., ICLR 2023): diffuse state trajectories conditioned on the return,
+then act by inverse dynamics.
+
+Per update (anuragajay/decision-diffuser; CleanDiffuser pipelines/dd_d4rl_mujoco.py):
+1. Model: a DiT1d (or the temporal U-Net) denoises windows [s_0, ..., s_{H-1}] of normalized
+   states (eps prediction), s_0 inpainted, the error on s_1 weighted 10 (CleanDiffuser's), conditioned
+   on the window's discounted return / `return_scale` through an MLP whose output is dropped
+   (replaced by the null embedding) with probability 0.25, so one network learns p(tau | R) and p(tau).
+2. Inverse dynamics: an MLP maps (s_t, s_{t+1}) to a_t on consecutive dataset states.
+Acting: sample one plan from the current state with classifier-free guidance towards `target_return`,
+eps = eps(null) + w_cfg (eps(R) - eps(null)), both evaluated in one batched call; the action is
+inverse dynamics applied to (s_0, planned s_1). Replan at every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from cleandiff_rl.agents.planning import Planner, PlannerConfig
+from cleandiff_rl.diffusion import DiffusionModel
+from cleandiff_rl.nn import DiT1d, JannerUNet1d, MLPCondition
+from cleandiff_rl.nn.layers import mlp
+from cleandiff_rl.utils import optimizer_step
+
+
+@dataclass
+class DecisionDiffuserConfig(PlannerConfig):
+    """Defaults: CleanDiffuser's (DiT1d, H 32, linear VP, DDIM 20 steps, initial noise x 0.5); per-task
+    `target_return`, `w_cfg` and `return_scale` live in configs/task. The original uses a U-Net, H 100
+    and 200 DDPM steps, which CPU budgets cannot afford."""
+
+    schedule: str = "linear"
+    schedule_kwargs: dict = field(default_factory=lambda: {"beta_min": 0.1, "beta_max": 20.0})
+    predict: str = "eps"
+    solver: str = "ddim"
+    temperature: float = 0.5
+    ema_rate: float = 0.9999
+    ema_every: int = 1
+    ema_start: int = 0
+    backbone: str = "dit"  # dit | unet
+    d_model: int = 320  # DiT1d
+    n_heads: int = 10
+    depth: int = 2
+    model_dim: int = 64  # U-Net
+    dim_mults: list = field(default_factory=lambda: [1, 2, 2, 2])
+    next_state_weight: float = 10.0  # loss weight of s_1, the state inverse dynamics acts on
+    condition_dropout: float = 0.25
+    return_scale: float = 1000.0  # returns are divided by this (per task)
+    target_return: float = 0.7  # the normalized return plans are conditioned on (per task)
+    w_cfg: float = 4.4  # classifier-free guidance weight: 0 unconditional, 1 conditional, > 1 guided
+    inv_hidden: int = 512
+    inv_lr: float = 2e-4
+
+
+class DecisionDiffuser(Planner):
+    name = "decision_diffuser"
+    Config = DecisionDiffuserConfig
+    plans_actions = False
+
+    def __init__(self, obs_dim: int, act_dim: int, config: dict | DecisionDiffuserConfig | None = None, **kwargs):
+        super().__init__(obs_dim, act_dim, config, **kwargs)
+        cfg = self.config
+        if cfg.horizon < 2:
+            raise ValueError(f"Decision Diffuser plans at least s_0 and s_1: horizon must be >= 2, got {cfg.horizon}")
+        if cfg.backbone == "dit":
+            backbone = DiT1d(obs_dim, cond_dim=128, d_model=cfg.d_model, n_heads=cfg.n_heads, depth=cfg.depth,
+                             time_embedding="fourier")
+        elif cfg.backbone == "unet":
+            backbone = JannerUNet1d(obs_dim, cond_dim=128, model_dim=cfg.model_dim, dim_mults=tuple(cfg.dim_mults))
+        else:
+            raise ValueError(f"unknown backbone {cfg.backbone!r}; valid: dit, unet")
+        loss_weight = torch.ones(cfg.horizon, obs_dim)
+        if cfg.horizon > 1:
+            loss_weight[1] = cfg.next_state_weight
+        self.model = DiffusionModel(
+            backbone, MLPCondition(1, 128, hidden_dims=(128,), dropout=cfg.condition_dropout, act="silu"),
+            time=cfg.time, schedule=cfg.schedule, diffusion_steps=cfg.diffusion_steps,
+            schedule_kwargs=dict(cfg.schedule_kwargs), predict=cfg.predict, fix_mask=self.fix_mask(),
+            loss_weight=loss_weight, lr=cfg.lr, weight_decay=cfg.weight_decay, ema_rate=cfg.ema_rate,
+            ema_every=cfg.ema_every, ema_start=cfg.ema_start, device=self.device)
+        self.inverse_dynamics = nn.Sequential(mlp(2 * obs_dim, (cfg.inv_hidden,) * 2, act_dim, "relu"),
+                                              nn.Tanh()).to(self.device)
+        self.inv_optimizer = torch.optim.Adam(self.inverse_dynamics.parameters(), lr=cfg.inv_lr)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": self.model.optimizer, "inverse_dynamics": self.inv_optimizer}
+
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        cfg = self.config
+        obs = batch["obs"]
+        self.model.model.train()
+        diffusion_loss = self.model.loss(obs, (batch["values"] / cfg.return_scale).unsqueeze(-1))
+        model_grad = self.model.optimize(diffusion_loss)
+
+        inv_loss = self.inverse_dynamics_loss(batch)
+        inv_grad = optimizer_step(self.inv_optimizer, inv_loss, self.inverse_dynamics.parameters())
+        return {"model/loss": diffusion_loss.detach(), "model/grad_norm": model_grad,
+                "inverse_dynamics/loss": inv_loss.detach(), "inverse_dynamics/grad_norm": inv_grad}
+
+    def inverse_dynamics_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Mean squared error of a_t predicted from (s_t, s_t+1), over the pairs inside an episode."""
+        pairs = torch.cat([batch["obs"][:, :-1], batch["obs"][:, 1:]], -1)
+        valid = batch["mask"][:, 1:]  # s_t+1 is real (padding only follows an episode's end)
+        error = ((self.inverse_dynamics(pairs) - batch["act"][:, :-1]) ** 2).mean(-1)
+        return (error * valid).sum() / valid.sum().clamp_min(1.0)
+
+    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
+        cfg = self.config
+        target = obs.new_full((obs.shape[0], 1), cfg.target_return)
+        plans = self.sample_plans(obs, 1, solver, steps, generator, condition_cfg=target, w_cfg=cfg.w_cfg)
+        self.keep_plan(plans)
+        return self.inverse_dynamics(torch.cat([obs, plans[:, 1]], -1))

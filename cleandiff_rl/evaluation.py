@@ -75,7 +75,7 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
     Returns env_id, episodes, returns (per episode), return_mean/se, score_mean/se (D4RL x100; None
     without reference scores), length_mean, time_per_action_ms (wall time of one batched
     `policy.act`, i.e. per env step), nfe / guidance_calls / cfg_batched (network calls per action, see
-    `_network_calls`; None for non-diffusion policies), solver, steps.
+    `network_calls`; None for non-diffusion policies), solver, steps.
     """
     env_id = _env_id(policy, env_id)
     if episodes < 1:
@@ -117,10 +117,10 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
     return {"env_id": env_id, "episodes": episodes, "returns": returns.tolist(), "return_mean": return_mean,
             "return_se": return_se, "score_mean": score_mean, "score_se": score_se,
             "length_mean": float(lengths.mean()), "time_per_action_ms": 1000 * call_seconds / calls,
-            "solver": solver, "steps": steps, **_network_calls(policy)}
+            "solver": solver, "steps": steps, **network_calls(policy)}
 
 
-def _network_calls(policy: Agent) -> dict[str, Any]:
+def network_calls(policy: Agent) -> dict[str, Any]:
     """Network calls per action of the last sampling: nfe = backbone calls + value-gradient calls.
 
     A classifier-free-guidance step is one backbone call when its two passes are batched together

@@ -10,7 +10,6 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import hydra
 import torch
@@ -21,16 +20,7 @@ from tqdm import tqdm
 
 from cleandiff_rl.diffusion import SOLVERS, DiffusionModel
 from cleandiff_rl.nn import DQLMlp, JannerUNet1d
-from cleandiff_rl.utils import seed_everything
-
-
-def mean_call_seconds(fn: Callable[[], object], min_seconds: float) -> float:
-    """Mean time of one call over a block of calls lasting at least `min_seconds`."""
-    calls, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < min_seconds or calls == 0:
-        fn()
-        calls += 1
-    return elapsed / calls
+from cleandiff_rl.utils import mean_call_seconds, seed_everything
 
 
 def time_sampling(name: str, model: DiffusionModel, prior: torch.Tensor, condition: torch.Tensor | None,

@@ -174,3 +174,23 @@ def test_cuda_graph_replay_trains_like_eager_updates(algo):
         for key, value in eager.state_dict().items():
             if torch.is_tensor(value):
                 torch.testing.assert_close(graphed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_critic_diagnostics_pipeline(hopper_random, tmp_path):
+    """critic_diagnostics runs on a Q-learning checkpoint and refuses a policy without a critic."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "critic_diagnostics.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for algo in ("dql", "bc"):
+        path = train(train_config(algo, hopper_random, tmp_path / algo, steps=4))
+        run = subprocess.run([sys.executable, str(script), f"checkpoint={path}", "transitions=200", "states=20",
+                              "device=cpu", f"run_dir={tmp_path / 'diag'}"], env=env, capture_output=True, text=True)
+        if algo == "dql":
+            assert run.returncode == 0, run.stderr
+            assert "correlation(Q, MC return)" in run.stdout and "Q over 4 candidates" in run.stdout
+        else:
+            assert run.returncode != 0 and "has no critic" in run.stderr

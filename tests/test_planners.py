@@ -3,6 +3,12 @@ horizons, the sweep's network-call count and the planned-vs-executed picture."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +20,7 @@ from cleandiff_rl.evaluation import format_table, plan_figure, sweep
 from cleandiff_rl.training import train
 
 PLANNERS = ["diffuser", "decision_diffuser"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +123,15 @@ def test_sweep_counts_guidance_and_cfg_calls(trained, hopper_random, monkeypatch
     assert [(r["nfe"], r["guidance_calls"], r["cfg_batched"]) for r in rows] == [(2, 0, True), (3, 0, True)]
     assert "one batched call per step" in format_table(rows)
     assert "cfg_batched" in (tmp_path / "sweep.csv").read_text().splitlines()[0]
+
+
+def test_benchmark_acting_times_every_pair(trained, hopper_random, tmp_path):
+    """The planning-time pipeline runs on a planner checkpoint and records the network calls it timed."""
+    env = {**os.environ, "MINARI_DATASETS_PATH": hopper_random, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(REPO / "pipelines" / "benchmark_acting.py"), f"checkpoint={trained['diffuser']}",
+                    "solvers=[ddim,ddpm]", "steps=[2,3]", "min_seconds=0.01", "repeats=1", f"run_dir={tmp_path}"],
+                   check=True, env=env, capture_output=True)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["solver"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 4), ("ddim", 3, 6), ("ddpm", 2, 4),
+                                                                   ("ddpm", 3, 6)]
+    assert all(r["ms_per_action"] > 0 for r in rows)

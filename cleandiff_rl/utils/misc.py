@@ -1,8 +1,10 @@
-"""Device selection and seeding."""
+"""Device selection, seeding and timing."""
 
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -21,3 +23,12 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def mean_call_seconds(fn: Callable[[], object], min_seconds: float) -> float:
+    """Mean wall time of one call of `fn` over a block of calls lasting at least `min_seconds`."""
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < min_seconds or calls == 0:
+        fn()
+        calls += 1
+    return elapsed / calls

@@ -1,0 +1,49 @@
+"""Time per action of one checkpoint for every solver x steps; prints a table, writes results.json.
+
+For a planner this is the planning time per action: sampling all candidate plans (value gradients
+or batched CFG included) and choosing one.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import gymnasium as gym
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from cleandiff_rl.agents import load_policy
+from cleandiff_rl.evaluation import CROSS_SOLVERS, network_calls
+from cleandiff_rl.utils import mean_call_seconds
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark_acting")
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(cfg.threads)
+    policy = load_policy(cfg.checkpoint, cfg.device)
+    env = gym.make(policy.env_id)
+    obs = np.stack([env.reset(seed=cfg.seed + i)[0] for i in range(cfg.batch)])
+    env.close()
+    solvers = list(CROSS_SOLVERS) if cfg.solvers == "all" else list(cfg.solvers)  # act rejects unknown names
+    rows = []
+    for solver in solvers:
+        for steps in cfg.steps:
+            def act() -> None:
+                policy.act(obs, solver=solver, steps=steps)
+            act()  # warm-up (plans and caches)
+            ms = 1000 * statistics.median(mean_call_seconds(act, cfg.min_seconds) for _ in range(cfg.repeats))
+            rows.append({"solver": solver, "steps": steps, **network_calls(policy), "ms_per_action": ms})
+            print(f"{solver:<22}{steps:>4} steps  nfe {rows[-1]['nfe']:>3}  {ms:9.1f} ms per action", flush=True)
+    out = Path(cfg.run_dir) / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": cfg.checkpoint, "batch": cfg.batch, "device": str(policy.device),
+                               "rows": rows}, indent=1))
+    print(f"{policy.name} ({policy.dataset_id}), batch {cfg.batch}, {policy.device}; results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -68,10 +68,11 @@ def _references(policy: Agent, env_id: str) -> tuple[float, float] | None:
 
 
 def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, seed: int = 0,
-             solver: str | None = None, steps: int | None = None) -> dict[str, Any]:
+             solver: str | None = None, steps: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Run `episodes` episodes (env seeds seed, seed+1, ...) at once; return their statistics.
 
     env_id: defaults to the one the policy records. solver / steps: default to the policy's.
+    progress: show a progress bar over env steps (a planner's evaluation can take many minutes).
     Returns env_id, episodes, returns (per episode), return_mean/se, score_mean/se (D4RL x100; None
     without reference scores), length_mean, time_per_action_ms (wall time of one batched
     `policy.act`, i.e. per env step), nfe / guidance_calls / cfg_batched (network calls per action, see
@@ -97,6 +98,8 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
         actions = np.zeros((episodes, policy.act_dim), dtype=envs.single_action_space.dtype)
         call_seconds = 0.0
         calls = 0
+        bar = tqdm(total=gym.spec(env_id).max_episode_steps, desc=f"evaluate {env_id} x{episodes}", unit="step",
+                   leave=False, disable=not progress, mininterval=1.0, dynamic_ncols=True)
         while running.any():  # finished envs are autoreset by the vector env; their later steps are ignored
             start = time.perf_counter()
             actions[running] = policy.act(obs[running], solver=solver, steps=steps, generator=generator)
@@ -106,6 +109,9 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
             returns[running] += reward[running]
             lengths[running] += 1
             running &= ~(terminated | truncated)
+            bar.update()
+            bar.set_postfix(running=int(running.sum()), refresh=False)
+        bar.close()
     finally:
         envs.close()
     return_mean, return_se = _mean_se(returns)

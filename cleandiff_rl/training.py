@@ -133,12 +133,12 @@ def train(cfg: DictConfig) -> Path:
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(means.items())[:3]})
             sums.clear()
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
-            result = evaluate(agent, env_id, episodes=cfg.eval_episodes, seed=cfg.seed + 100)
+            result = evaluate(agent, env_id, episodes=cfg.eval_episodes, seed=cfg.seed + 100, progress=True)
             for key in ("score", "return"):
                 if result[f"{key}_mean"] is not None:
                     writer.add_scalar(f"eval/{key}", result[f"{key}_mean"], done)
             if isinstance(agent, Planner):
-                writer.add_figure("eval/plan", plan_figure(agent, env_id, seed=cfg.seed + 100), done)
+                writer.add_figure("eval/plan", plan_figure(agent, env_id, seed=cfg.seed + 100, progress=True), done)
             bar.write(f"step {done}: return {result['return_mean']:.1f} ± {result['return_se']:.1f}"
                       + (f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""))
         if done % cfg.checkpoint_every == 0 or done == total:

@@ -1,4 +1,4 @@
-"""Normalized scores of BC, Diffusion BC, Diffusion-QL and IDQL at a stated training budget.
+"""Normalized scores of BC, Diffusion BC, Diffusion-QL and IDQL (or any `algos`) at a stated training budget.
 
 Each algorithm trains through pipelines/train.py (in `jobs` parallel processes); every final
 checkpoint is then evaluated on the same seeds. Prints a table (with the dataset's own average and
@@ -45,6 +45,7 @@ def train_one(cfg: DictConfig, algo: str, run_dir: Path) -> float:
                  f"device={cfg.device}", f"eval_every={cfg.eval_every}", "eval_episodes=5", f"run_dir={run_dir}"]
     if cfg.batch_size[algo] is not None:
         overrides.append(f"batch_size={cfg.batch_size[algo]}")
+    overrides += [f"algo.params.{key}={value}" for key, value in (cfg.params.get(algo) or {}).items()]
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(run_dir.parent / f"{algo}.log", "w") as log:
@@ -77,7 +78,7 @@ def main(cfg: DictConfig) -> None:
             label = algo if selection is None else f"{algo} ({selection})"
             if selection is not None:
                 policy.config.selection = selection
-            result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
+            result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000, progress=True)
             rows.append({"algo": label, "steps": cfg.steps[algo], "batch_size": batch,
                          "train_minutes": walls[algo] / 60, "score_mean": result["score_mean"],
                          "score_se": result["score_se"], "return_mean": result["return_mean"]})

@@ -24,7 +24,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.checkpoint, cfg.device)
-    result = evaluate(policy, cfg.env_id, episodes=cfg.episodes, seed=cfg.seed, solver=cfg.solver, steps=cfg.steps)
+    result = evaluate(policy, cfg.env_id, episodes=cfg.episodes, seed=cfg.seed, solver=cfg.solver, steps=cfg.steps,
+                      progress=True)
 
     sampling = ""
     if policy.is_diffusion:

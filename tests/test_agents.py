@@ -13,6 +13,7 @@ import cleandiff_rl
 from cleandiff_rl.agents import ALGORITHMS, get_algorithm, load_policy
 from cleandiff_rl.agents.common import select
 from cleandiff_rl.agents.planning import Planner
+from cleandiff_rl.diffusion import DiffusionModel
 from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.evaluation import evaluate
 from cleandiff_rl.training import compose_config, train
@@ -194,3 +195,16 @@ def test_critic_diagnostics_pipeline(hopper_random, tmp_path):
             assert "correlation(Q, MC return)" in run.stdout and "Q over 4 candidates" in run.stdout
         else:
             assert run.returncode != 0 and "has no critic" in run.stderr
+
+
+@pytest.mark.parametrize("algo", [name for name in ALGORITHMS if name != "bc"])
+def test_default_ema_forgets_the_initial_weights_within_a_cpu_budget(algo):
+    """Acting uses the EMA model, so its averaging window (ema_every / (1 - ema_rate) updates) must be
+    short next to a CPU-sized run. CleanDiffuser's Decision Diffuser EMA (0.9999 every update) still
+    held 74% of the random initial weights after 3k updates, and its plans fell over at once."""
+    agent = get_algorithm(algo)(11, 3)
+    models = [module for module in agent.modules() if isinstance(module, DiffusionModel)]
+    assert models
+    for model in models:
+        window = model.ema_every / (1.0 - model.ema_rate)
+        assert model.ema_start + 3 * window <= 10_000, (model.ema_rate, model.ema_every, model.ema_start)

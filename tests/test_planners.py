@@ -135,3 +135,28 @@ def test_benchmark_acting_times_every_pair(trained, hopper_random, tmp_path):
     assert [(r["solver"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 4), ("ddim", 3, 6), ("ddpm", 2, 4),
                                                                    ("ddpm", 3, 6)]
     assert all(r["ms_per_action"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", PLANNERS)
+def test_planner_updates_replay_as_cuda_graphs(name):
+    """Training on a GPU captures the planners' updates too: replays stay finite and keep moving the
+    plan model, its EMA (after `ema_start`) and the value / inverse-dynamics nets."""
+    from cleandiff_rl.agents import get_algorithm
+    from cleandiff_rl.utils import CudaGraphStep
+
+    torch.manual_seed(0)
+    agent = get_algorithm(name)(11, 3, {**SMALL[name], "ema_start": 0, "ema_every": 1}, device="cuda")
+    step = CudaGraphStep(agent.train_step, agent.optimizers().values())
+    horizon = SMALL[name]["horizon"]
+    for _ in range(6):
+        batch = {"obs": torch.randn(16, horizon, 11, device="cuda"),
+                 "act": torch.rand(16, horizon, 3, device="cuda") * 2 - 1,
+                 "values": torch.randn(16, device="cuda"), "mask": torch.ones(16, horizon, device="cuda")}
+        before = {k: v.clone() for k, v in agent.state_dict().items() if torch.is_tensor(v)}
+        metrics = step(batch)
+        agent.after_step()
+        assert all(torch.isfinite(v) for v in metrics.values())
+    moved = {k for k, v in agent.state_dict().items() if k in before and not torch.equal(v, before[k])}
+    assert any("model_ema" in k for k in moved)
+    assert any(k.startswith("value." if name == "diffuser" else "inverse_dynamics.") for k in moved)

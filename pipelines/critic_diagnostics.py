@@ -1,22 +1,74 @@
-"""Two checks of a Diffusion-QL or IDQL critic, on the data it was trained on.
+"""Three checks of a Diffusion-QL or IDQL critic.
 
 1. Values: Q(s, a) of dataset actions against the Monte-Carlo discounted return of the behavior
    policy from there (IQL's expectile and DQL's max push Q above it, but they should correlate).
-2. Ranking: how much Q varies across the candidates the policy draws at one state, against the
+2. Spread: how much Q varies across the candidates the policy draws at one state, against the
    size of Q's error in (1). When the spread is far below the error, choosing candidates by Q
    (argmax or softmax) picks by noise.
+3. Ranking against outcomes: at states of the policy's own episodes (MuJoCo state restored), take
+   each candidate once, then follow a policy (the checkpoint itself, or `follow`) for
+   `rollout_steps` steps; correlate Q with that discounted return across the candidates of a state.
 """
 
 from __future__ import annotations
 
+import gymnasium as gym
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from cleandiff_rl.agents import load_policy
+from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import sample_candidates
 from cleandiff_rl.data import discounted_returns, read_episodes
+
+
+def candidate_q(policy: Agent, obs: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The act-time candidates at raw observations `obs`: Q `(states, n)` and env actions `(states, n, act_dim)`."""
+    n = policy.config.num_candidates
+    with torch.no_grad():
+        obs_t = policy.obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=policy.device))
+        obs_rep, candidates, _ = sample_candidates(
+            policy.actor, obs_t, policy.act_dim, n, solver=policy.solver, steps=policy.steps,
+            use_ema=getattr(policy.config, "act_with_ema", True), generator=torch.Generator(policy.device).manual_seed(seed))
+        q = policy.critic_target.q_min(obs_rep, candidates).view(-1, n).cpu().numpy()
+    return q, policy.unnormalize_action(candidates).cpu().numpy().reshape(len(q), n, -1)
+
+
+def rollout_returns(policy: Agent, follow: Agent, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Q of each candidate at `rollout_states` states of the policy's own episodes, and the discounted
+    return of taking that candidate once, then `follow`'s actions for `rollout_steps - 1` steps."""
+    env = gym.make(policy.env_id).unwrapped  # MuJoCo: set_state restores a visited state exactly
+    snapshots: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    episode = 0
+    while len(snapshots) < cfg.rollout_states:
+        obs, _ = env.reset(seed=cfg.seed + episode)
+        episode += 1
+        for t in range(1000):
+            if t % cfg.rollout_every == 0 and len(snapshots) < cfg.rollout_states:
+                snapshots.append((env.data.qpos.copy(), env.data.qvel.copy(), obs))
+            obs, _, terminated, _, _ = env.step(policy.act(obs))
+            if terminated:
+                break
+    q, actions = candidate_q(policy, np.stack([obs for _, _, obs in snapshots]), cfg.seed)
+    envs = [gym.make(policy.env_id).unwrapped for _ in range(q.size)]
+    current = np.zeros((q.size, policy.obs_dim))
+    for k, sim in enumerate(envs):
+        qpos, qvel, _ = snapshots[k // q.shape[1]]
+        sim.reset(seed=k)
+        sim.set_state(qpos, qvel)
+    returns, alive, discount = np.zeros(q.size), np.ones(q.size, dtype=bool), 1.0
+    step_actions = actions.reshape(q.size, -1)
+    for t in range(cfg.rollout_steps):
+        if t > 0:
+            step_actions = follow.act(current)
+            discount *= policy.config.discount
+        for k in np.flatnonzero(alive):
+            current[k], reward, terminated, _, _ = envs[k].step(step_actions[k])
+            returns[k] += discount * reward
+            alive[k] = not terminated
+    return q, returns.reshape(q.shape)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="critic_diagnostics")
@@ -34,12 +86,8 @@ def main(cfg: DictConfig) -> None:
     act = policy.normalize_action(torch.as_tensor(episodes.act[rows], device=policy.device))
     with torch.no_grad():
         q_data = policy.critic_target.q_min(obs, act).cpu().numpy()
-        n = policy.config.num_candidates
-        obs_rep, candidates, _ = sample_candidates(
-            policy.actor, obs[:cfg.states], policy.act_dim, n, solver=policy.solver, steps=policy.steps,
-            use_ema=getattr(policy.config, "act_with_ema", True),
-            generator=torch.Generator(policy.device).manual_seed(cfg.seed))
-        q_cand = policy.critic_target.q_min(obs_rep, candidates).view(-1, n).cpu().numpy()
+    q_cand, _ = candidate_q(policy, episodes.obs[rows[:cfg.states]], cfg.seed)
+    n = q_cand.shape[1]
     mc = returns[rows]
 
     print(f"{policy.name} critic after {policy.updates} updates, {len(rows)} transitions of {policy.dataset_id}")
@@ -48,6 +96,18 @@ def main(cfg: DictConfig) -> None:
     print(f"RMS(Q - MC return)           {np.sqrt(np.mean((q_data - mc) ** 2)):9.2f}   std of MC return {mc.std():.2f}")
     print(f"Q over {n} candidates, std    {q_cand.std(1).mean():9.3f}   (mean over {len(q_cand)} states)")
     print(f"Q over {n} candidates, max-mean {(q_cand.max(1) - q_cand.mean(1)).mean():7.3f}")
+
+    if cfg.rollout_states:
+        follow = policy if cfg.follow is None else load_policy(cfg.follow, cfg.device)
+        q, rollout = rollout_returns(policy, follow, cfg)
+        corr = [np.corrcoef(qs, rs)[0, 1] for qs, rs in zip(q, rollout) if qs.std() > 0 and rs.std() > 0]
+        chosen = rollout[np.arange(len(q)), q.argmax(1)]
+        print(f"rollouts: {len(q)} states x {n} candidates, then {follow.name} for {cfg.rollout_steps - 1} steps")
+        print(f"correlation(Q, rollout return) within a state {np.mean(corr) if corr else float('nan'):6.3f}")
+        print(f"rollout return std over candidates {rollout.std(1).mean():7.3f}   "
+              f"(Q std {q.std(1).mean():.3f}, in the critic's reward units)")
+        print(f"rollout return: argmax-Q candidate {chosen.mean():.2f}, mean candidate {rollout.mean():.2f}, "
+              f"best candidate {rollout.max(1).mean():.2f}")
 
 
 if __name__ == "__main__":

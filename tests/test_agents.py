@@ -188,11 +188,13 @@ def test_critic_diagnostics_pipeline(hopper_random, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for algo in ("dql", "bc"):
         path = train(train_config(algo, hopper_random, tmp_path / algo, steps=4))
-        run = subprocess.run([sys.executable, str(script), f"checkpoint={path}", "transitions=200", "states=20",
+        run = subprocess.run([sys.executable, str(script), f"checkpoint={path}", "transitions=200", "states=20", "rollout_states=3",
+                              "rollout_every=2", "rollout_steps=4",
                               "device=cpu", f"run_dir={tmp_path / 'diag'}"], env=env, capture_output=True, text=True)
         if algo == "dql":
             assert run.returncode == 0, run.stderr
             assert "correlation(Q, MC return)" in run.stdout and "Q over 4 candidates" in run.stdout
+            assert "rollouts: 3 states x 4 candidates, then dql for 3 steps" in run.stdout
         else:
             assert run.returncode != 0 and "has no critic" in run.stderr
 

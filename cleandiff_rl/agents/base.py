@@ -125,6 +125,10 @@ class Agent(nn.Module):
         """Env actions -> the networks' [-1, 1]."""
         return (action - self._act_low) / self._act_half_range - 1.0
 
+    def unnormalize_action(self, action: Tensor) -> Tensor:
+        """The networks' [-1, 1] -> env actions."""
+        return (action + 1.0) * self._act_half_range + self._act_low
+
     # ---- acting ---------------------------------------------------------------------------------
 
     def set_sampling(self, solver: str | None = None, steps: int | None = None) -> Agent:
@@ -165,7 +169,7 @@ class Agent(nn.Module):
             action = self._act(obs_t, solver, steps, generator)
         finally:
             self.train(was_training)
-        action = ((action + 1.0) * self._act_half_range + self._act_low).float().cpu().numpy()
+        action = self.unnormalize_action(action).float().cpu().numpy()
         return action[0] if single else action
 
     # ---- checkpoints ----------------------------------------------------------------------------

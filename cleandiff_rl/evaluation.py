@@ -76,7 +76,7 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
     Returns env_id, episodes, returns (per episode), return_mean/se, score_mean/se (D4RL x100; None
     without reference scores), length_mean, time_per_action_ms (wall time of one batched
     `policy.act`, i.e. per env step), nfe / guidance_calls / cfg_batched (network calls per action, see
-    `network_calls`; None for non-diffusion policies), solver, steps.
+    `network_calls`; None for non-diffusion policies), solver, steps, temperature (the initial-noise scale; None without one).
     """
     env_id = _env_id(policy, env_id)
     if episodes < 1:
@@ -123,7 +123,8 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
     return {"env_id": env_id, "episodes": episodes, "returns": returns.tolist(), "return_mean": return_mean,
             "return_se": return_se, "score_mean": score_mean, "score_se": score_se,
             "length_mean": float(lengths.mean()), "time_per_action_ms": 1000 * call_seconds / calls,
-            "solver": solver, "steps": steps, **network_calls(policy)}
+            "solver": solver, "steps": steps, "temperature": getattr(policy.config, "temperature", None),
+            **network_calls(policy)}
 
 
 def network_calls(policy: Agent) -> dict[str, Any]:
@@ -209,12 +210,14 @@ def sweep(policy: Agent, env_id: str | None = None, *, solvers: Sequence[str] = 
 
 
 def sweep_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tb_dir: str | os.PathLike, *,
-                     device: str = "auto", env_id: str | None = None, **kwargs: Any) -> list[dict]:
+                     device: str = "auto", env_id: str | None = None, temperature: float | None = None,
+                     **kwargs: Any) -> list[dict]:
     """Load a checkpoint and `sweep` it: tables in `out_dir`, TensorBoard scalars in `tb_dir`.
 
-    kwargs go to `sweep` (solvers, steps, episodes, seed, progress).
+    temperature: the initial-noise scale (None = the checkpoint's). kwargs go to `sweep` (solvers,
+    steps, episodes, seed, progress).
     """
-    policy = load_policy(str(checkpoint), device)
+    policy = load_policy(str(checkpoint), device, temperature=temperature)
     writer = SummaryWriter(str(tb_dir))
     try:
         return sweep(policy, env_id, out_dir=out_dir, writer=writer, **kwargs)

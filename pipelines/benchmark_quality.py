@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from cleandiff_rl.agents import load_policy
+from cleandiff_rl.agents import Agent, load_policy
 from cleandiff_rl.data import normalized_score, read_episodes
 from cleandiff_rl.evaluation import evaluate
 from cleandiff_rl.training import compose_config
@@ -54,6 +54,16 @@ def train_one(cfg: DictConfig, algo: str, run_dir: Path) -> float:
     return time.perf_counter() - start
 
 
+def with_settings(policy: Agent, settings: dict) -> Agent:
+    """`policy` acting with other settings: solver / steps / temperature, or any field of its config."""
+    sampling = {key: settings.pop(key) for key in ("solver", "steps", "temperature") if key in settings}
+    for key, value in settings.items():
+        if not hasattr(policy.config, key):
+            raise ValueError(f"{policy.name} has no setting {key!r}")
+        setattr(policy.config, key, value)
+    return policy.set_sampling(**sampling)
+
+
 @hydra.main(config_path="../configs", config_name="benchmark_quality", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out = Path(cfg.run_dir)
@@ -72,12 +82,11 @@ def main(cfg: DictConfig) -> None:
              "score_mean": dataset_score, "score_se": float("nan"), "return_mean": float("nan")}]
     writer = SummaryWriter(str(out / "tb"))
     for algo in cfg.algos:
-        policy = load_policy(str(out / algo / "checkpoint.pt"), cfg.device)
         batch = cfg.batch_size[algo] or compose_config([f"algo={algo}"]).batch_size
-        for selection in cfg.idql_selections if algo == "idql" else [None]:
-            label = algo if selection is None else f"{algo} ({selection})"
-            if selection is not None:
-                policy.config.selection = selection
+        variants = {algo: {}} | {f"{algo} ({name})": dict(settings)
+                                 for name, settings in (cfg.act_variants.get(algo) or {}).items()}
+        for label, settings in variants.items():
+            policy = with_settings(load_policy(str(out / algo / "checkpoint.pt"), cfg.device), settings)
             result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000, progress=True)
             rows.append({"algo": label, "steps": cfg.steps[algo], "batch_size": batch,
                          "train_minutes": walls[algo] / 60, "score_mean": result["score_mean"],

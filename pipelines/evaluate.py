@@ -23,13 +23,15 @@ OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).reso
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy = load_policy(cfg.checkpoint, cfg.device)
+    policy = load_policy(cfg.checkpoint, cfg.device, temperature=cfg.temperature)
     result = evaluate(policy, cfg.env_id, episodes=cfg.episodes, seed=cfg.seed, solver=cfg.solver, steps=cfg.steps,
                       progress=True)
 
     sampling = ""
     if policy.is_diffusion:
         sampling = f", solver {result['solver']}, {result['steps']} steps (nfe {result['nfe']})"
+        if result["temperature"] is not None:
+            sampling += f", temperature {result['temperature']:g}"
     print(f"{policy.name} policy (trained on {policy.dataset_id}, {policy.updates} updates) from {cfg.checkpoint}")
     print(f"{result['env_id']}, {result['episodes']} episodes{sampling}")
     print(f"return           {result['return_mean']:.1f} ± {result['return_se']:.1f}")

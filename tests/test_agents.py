@@ -65,6 +65,20 @@ def test_train_save_load_act_round_trip(algo, hopper_random, tmp_path):
         torch.testing.assert_close(value, again.state_dict()[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("algo", [name for name in ALGORITHMS if name != "bc"])
+def test_temperature_zero_with_an_ode_solver_acts_deterministically(algo, hopper_random, tmp_path):
+    """From the mean of the noise, ddim maps an observation to one action whatever the generator draws;
+    at temperature 1 the same policy's actions depend on the draw."""
+    path = train(train_config(algo, hopper_random, tmp_path / algo, steps=12))
+    obs = np.random.default_rng(0).normal(size=(3, 11))
+    policy = load_policy(str(path), solver="ddim", temperature=0)
+    first, second = (policy.act(obs, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
+    np.testing.assert_array_equal(first, second)
+    policy.set_sampling(temperature=1.0)
+    third = policy.act(obs, generator=torch.Generator().manual_seed(2))
+    assert np.abs(third - second).max() > 1e-3
+
+
 @pytest.mark.parametrize("algo", ["dql", "idql"])
 def test_resume_continues_exactly(algo, hopper_random, tmp_path):
     """Stopping at step 10 and rerunning to 20 gives the same weights as one run of 20 steps."""
@@ -140,6 +154,11 @@ def test_clear_errors(hopper_random, tmp_path):
     policy = load_policy(str(path))
     with pytest.raises(ValueError, match="unknown solver 'ddim2'"):
         policy.act(np.zeros(11), solver="ddim2")
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        policy.set_sampling(temperature=-0.5)
+    bc = train(train_config("bc", hopper_random, tmp_path / "bc", steps=2))
+    with pytest.raises(ValueError, match="bc policy has no sampling temperature"):
+        load_policy(str(bc), temperature=0)
     with pytest.raises(ValueError, match=r"expects observations of shape \(11,\)"):
         policy.act(np.zeros(4))
     with pytest.raises(ValueError, match="InvertedPendulum-v5.*trained on test/hopper/random-v0|trained on test/hopper"):
@@ -210,3 +229,22 @@ def test_default_ema_forgets_the_initial_weights_within_a_cpu_budget(algo):
     for model in models:
         window = model.ema_every / (1.0 - model.ema_rate)
         assert model.ema_start + 3 * window <= 10_000, (model.ema_rate, model.ema_every, model.ema_start)
+
+
+def test_evaluate_pipeline_acts_at_the_given_temperature(hopper_random, tmp_path):
+    """evaluate.py temperature=0 loads the policy at that temperature and records it in evaluation.json."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = train(train_config("idql", hopper_random, tmp_path / "idql", steps=4))
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "evaluate.py"
+    run = subprocess.run([sys.executable, str(script), f"checkpoint={path}", "episodes=2", "solver=ddim", "temperature=0",
+                          "device=cpu", f"run_dir={tmp_path / 'eval'}"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "solver ddim, 5 steps (nfe 5), temperature 0" in run.stdout
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert result["temperature"] == 0.0 and result["solver"] == "ddim" and result["episodes"] == 2

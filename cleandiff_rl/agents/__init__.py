@@ -26,12 +26,14 @@ def get_algorithm(name: str) -> type[Agent]:
         raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}") from None
 
 
-def load_policy(path: str, device: str = "auto", *, solver: str | None = None, steps: int | None = None) -> Agent:
+def load_policy(path: str, device: str = "auto", *, solver: str | None = None, steps: int | None = None,
+                temperature: float | None = None) -> Agent:
     """Load any saved policy; `policy.act(obs)` then maps numpy observations to numpy actions.
 
     solver / steps: the sampling defaults for `act` (each call may still override them).
+    temperature: the initial-noise scale of a diffusion policy (see `Agent.set_sampling`).
     """
-    return Agent.load(path, device, solver=solver, steps=steps)
+    return Agent.load(path, device, solver=solver, steps=steps, temperature=temperature)
 
 
 __all__ = ["ALGORITHMS", "BC", "IDQL", "Agent", "DecisionDiffuser", "Diffuser", "DiffusionBC", "DiffusionQL",

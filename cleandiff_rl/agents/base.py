@@ -131,8 +131,20 @@ class Agent(nn.Module):
 
     # ---- acting ---------------------------------------------------------------------------------
 
-    def set_sampling(self, solver: str | None = None, steps: int | None = None) -> Agent:
-        """Change the default solver and/or number of steps used by `act` (no retraining needed)."""
+    def set_sampling(self, solver: str | None = None, steps: int | None = None,
+                     temperature: float | None = None) -> Agent:
+        """Change the default solver, number of steps and/or temperature used by `act` (no retraining needed).
+
+        temperature: the scale of the initial noise (config `temperature`). 1 samples the learned action
+        distribution, behavior noise included; below 1 concentrates it, and 0 with an ODE solver (e.g.
+        ddim) maps every observation to one deterministic action.
+        """
+        if temperature is not None:
+            if not hasattr(self.config, "temperature"):
+                raise ValueError(f"{self.name} policy has no sampling temperature")
+            if not temperature >= 0:
+                raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+            self.config.temperature = float(temperature)
         if solver is not None:
             get_solver(solver)  # unknown names fail here, not at the first action
             self.solver = solver
@@ -207,7 +219,7 @@ class Agent(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "auto", *,
-             solver: str | None = None, steps: int | None = None) -> Agent:
+             solver: str | None = None, steps: int | None = None, temperature: float | None = None) -> Agent:
         """Load a checkpoint written by `save` (of this algorithm, or any when called on `Agent`)."""
         from cleandiff_rl.agents import get_algorithm
 
@@ -217,4 +229,4 @@ class Agent(nn.Module):
         algo_cls = get_algorithm(state["algo"])
         if cls is not Agent and algo_cls is not cls:
             raise ValueError(f"{path} holds a {state['algo']!r} policy, not {cls.name!r}")
-        return algo_cls.from_checkpoint(state, device).set_sampling(solver, steps)
+        return algo_cls.from_checkpoint(state, device).set_sampling(solver, steps, temperature)

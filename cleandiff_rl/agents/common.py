@@ -34,6 +34,7 @@ class DiffusionActorConfig:
     predict: str = "eps"
     solver: str = "ddpm"
     sampling_steps: int = 5
+    temperature: float = 1.0  # acting: scale of the initial noise (see `Agent.set_sampling`)
     hidden_dim: int = 256
     lr: float = 3e-4
     weight_decay: float = 0.0
@@ -74,15 +75,16 @@ def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
 
 
 def sample_candidates(actor: DiffusionModel, obs: Tensor, act_dim: int, n: int, *, solver: str, steps: int,
-                      use_ema: bool = True, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, dict]:
-    """`n` actions per observation in one batched sampler call.
+                      temperature: float = 1.0, use_ema: bool = True,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, dict]:
+    """`n` actions per observation in one batched sampler call, from initial noise scaled by `temperature`.
 
     Returns (obs repeated `(b * n, obs_dim)`, actions `(b * n, act_dim)`, the sampler's log).
     """
     obs_rep = obs.repeat_interleave(n, 0)
     prior = obs.new_zeros(obs_rep.shape[0], act_dim)
     actions, log = actor.sample(prior, solver=solver, steps=steps, condition_cfg=obs_rep, use_ema=use_ema,
-                                generator=generator)
+                                temperature=temperature, generator=generator)
     return obs_rep, actions, log
 
 

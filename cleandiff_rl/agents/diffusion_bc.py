@@ -47,5 +47,5 @@ class DiffusionBC(Agent):
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         prior = obs.new_zeros(obs.shape[0], self.act_dim)
         action, self.last_sample_log = self.actor.sample(prior, solver=solver, steps=steps, condition_cfg=obs,
-                                                         generator=generator)
+                                                         temperature=self.config.temperature, generator=generator)
         return action

@@ -117,7 +117,7 @@ class DiffusionQL(Agent):
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
         obs_rep, actions, self.last_sample_log = sample_candidates(
-            self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, use_ema=cfg.act_with_ema,
-            generator=generator)
+            self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, temperature=cfg.temperature,
+            use_ema=cfg.act_with_ema, generator=generator)
         q = self.critic_target.q_min(obs_rep, actions)
         return select(actions, q, cfg.num_candidates, cfg.selection, cfg.selection_temperature, generator)

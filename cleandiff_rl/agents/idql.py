@@ -120,7 +120,8 @@ class IDQL(Agent):
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
         obs_rep, actions, self.last_sample_log = sample_candidates(
-            self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, generator=generator)
+            self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, temperature=cfg.temperature,
+            generator=generator)
         q = self.critic_target.q_min(obs_rep, actions)
         if cfg.selection == "expectile":
             adv = q - self.value(obs_rep).squeeze(-1)

@@ -99,10 +99,10 @@ def main(cfg: DictConfig) -> None:
         table = csv.DictWriter(f, fieldnames=list(rows[0]))
         table.writeheader()
         table.writerows(rows)
-    print(f"\n{'algo':<20}{'updates':>9}{'batch':>7}{'train min':>11}{'score':>16}{'return':>9}")
+    print(f"\n{'algo':<26}{'updates':>9}{'batch':>7}{'train min':>11}{'score':>16}{'return':>9}")
     for r in rows:
         score = f"{r['score_mean']:.1f}" + (f" ± {r['score_se']:.1f}" if np.isfinite(r["score_se"]) else "")
-        print(f"{r['algo']:<20}{r['steps']:>9}{r['batch_size']:>7}{r['train_minutes']:>11.1f}{score:>16}"
+        print(f"{r['algo']:<26}{r['steps']:>9}{r['batch_size']:>7}{r['train_minutes']:>11.1f}{score:>16}"
               f"{r['return_mean']:>9.0f}")
     print(f"\nresults: {out / 'results.json'}   TensorBoard: tensorboard --logdir {out}")
 

@@ -65,6 +65,27 @@ def test_train_save_load_act_round_trip(algo, hopper_random, tmp_path):
         torch.testing.assert_close(value, again.state_dict()[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+def test_to_moves_every_tensor_the_policy_acts_with(algo):
+    """`.to(device)` moves weights, the observation normalizer and the action bounds, so a policy built on
+    one device acts on another (meta stands in for a GPU: it checks placement, not arithmetic)."""
+    normalizer = {"kind": "gaussian", "shift": torch.zeros(11), "scale": torch.ones(11)}
+    policy = get_algorithm(algo)(11, 3, SMALL[algo], obs_normalizer=normalizer,
+                                 action_bounds=(-np.ones(3), np.ones(3)), device="cpu").to("meta")
+    tensors = [*policy.parameters(), *policy.buffers(), policy.obs_normalizer.shift, policy.obs_normalizer.scale]
+    assert policy.device.type == "meta" and {t.device.type for t in tensors} == {"meta"}
+    assert policy.state_dict().keys() == get_algorithm(algo)(11, 3, SMALL[algo], device="cpu").state_dict().keys()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_policy_moved_to_cuda_acts_like_one_built_there(hopper_random, tmp_path):
+    path = train(train_config("dql", hopper_random, tmp_path / "dql", steps=12))
+    obs = np.random.default_rng(0).normal(size=(3, 11))
+    moved = load_policy(str(path), "cpu", solver="ddim", temperature=0).to("cuda")
+    built = load_policy(str(path), "cuda", solver="ddim", temperature=0)
+    np.testing.assert_allclose(moved.act(obs), built.act(obs), atol=1e-6)
+
+
 @pytest.mark.parametrize("algo", [name for name in ALGORITHMS if name != "bc"])
 def test_temperature_zero_with_an_ode_solver_acts_deterministically(algo, hopper_random, tmp_path):
     """From the mean of the noise, ddim maps an observation to one action whatever the generator draws;

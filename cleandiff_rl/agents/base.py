@@ -45,7 +45,7 @@ class Agent(nn.Module):
         env_id / dataset_id: recorded in checkpoints, so evaluation knows what the policy is for.
         action_bounds: (low, high) of the env's action box. The networks work in [-1, 1]: training
             actions go through `normalize_action`, and `act` maps back to the box (None: already [-1, 1]).
-        device: where the agent lives; build it there (`load_policy(path, device)`) rather than `.to()` it.
+        device: where the agent lives (`load_policy(path, device)`); `.to(device)` moves it later, normalizer included.
     """
 
     name: ClassVar[str]
@@ -59,15 +59,18 @@ class Agent(nn.Module):
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.config = config if isinstance(config, self.Config) else make_config(self.Config, config)
         self.env_id, self.dataset_id = env_id, dataset_id
-        self._device = resolve_device(device)
+        device = resolve_device(device)
         self.normalizer_state = obs_normalizer
         self.obs_normalizer: Normalizer | None = (
-            None if obs_normalizer is None else normalizer_from_state(obs_normalizer, self._device))
+            None if obs_normalizer is None else normalizer_from_state(obs_normalizer, device))
         self.action_bounds = None if action_bounds is None else tuple(np.asarray(b, np.float32).tolist()
                                                                       for b in action_bounds)
         low, high = (-1.0, 1.0) if action_bounds is None else action_bounds
-        self._act_low = torch.as_tensor(low, dtype=torch.float32, device=self._device)
-        self._act_half_range = (torch.as_tensor(high, dtype=torch.float32, device=self._device) - self._act_low) / 2
+        low = torch.as_tensor(low, dtype=torch.float32, device=device)
+        # non-persistent buffers: they follow .to() and stay out of state_dict (the checkpoint keeps action_bounds)
+        self.register_buffer("_act_low", low, persistent=False)
+        self.register_buffer("_act_half_range", (torch.as_tensor(high, dtype=torch.float32, device=device) - low) / 2,
+                             persistent=False)
         self.solver = getattr(self.config, "solver", None)
         self.steps = getattr(self.config, "sampling_steps", None)
         self.last_sample_log: dict = {}
@@ -75,7 +78,13 @@ class Agent(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self._device
+        return self._act_low.device
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module's hook behind .to() / .cuda() / .cpu())
+        super()._apply(fn, recurse)
+        if self.obs_normalizer is not None:  # a plain object, not a module: move it by hand
+            self.obs_normalizer.to(self.device)
+        return self
 
     # ---- the three things an algorithm writes ----------------------------------------------------
 

@@ -12,6 +12,7 @@ from offline_data import PENDULUM_ENV_ID, RANDOM_PENDULUM_RETURN, pendulum_datas
 import cleandiff_rl
 from cleandiff_rl.agents import ALGORITHMS, get_algorithm, load_policy
 from cleandiff_rl.agents.common import select
+from cleandiff_rl.agents.idql import expectile_weights
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.diffusion import DiffusionModel
 from cleandiff_rl.diffusion.solvers import get_solver
@@ -149,6 +150,12 @@ def test_dql_q_loss_only_reaches_levels_the_bc_loss_trains():
     called = {level.t for level in levels[:-1]}  # the last level is the clean target, not a network call
     assert len(called) == cfg.sampling_steps
     assert called <= set(agent.actor.schedule.sample_t(10_000).tolist())
+
+
+def test_idql_expectile_weights_depend_only_on_the_sign_of_the_advantage():
+    """|f'(A)| / |A| for the expectile loss is tau or 1 - tau: a candidate barely above V weighs as much as one far above."""
+    adv = torch.tensor([-100.0, -1e-3, 0.0, 1e-3, 100.0])
+    assert expectile_weights(adv, 0.7).tolist() == pytest.approx([0.3, 0.3, 0.3, 0.7, 0.7])
 
 
 def test_select_modes():

@@ -6,8 +6,8 @@ Per update (philippe-eecs/IDQL, jaxrl5/agents/ddpm_iql_simple/ddpm_iql_learner.p
 3. Behavior: a diffusion model (IDQL's LN-ResNet) learns pi_beta(a | s) by plain denoising; it
    never sees Q, so actor and critic train independently.
 Acting: sample `num_candidates` actions from the EMA behavior model and resample one with the
-implicit-policy weights of the expectile loss, w = |tau - 1(Q < V)| / |Q - V| (`selection:
-expectile`, the paper's), or take argmax Q (the released code's evaluation), or softmax.
+implicit-policy weights of the expectile loss (`selection: expectile`, the paper's; see
+`expectile_weights`), or take argmax Q (the released code's evaluation), or softmax.
 Rewards are scaled by 1000 / (max - min episode return) of the dataset, as in the original.
 """
 
@@ -54,6 +54,15 @@ class IDQLConfig(DiffusionActorConfig):
     num_candidates: int = 64
     selection: str = "expectile"
     selection_temperature: float = 1.0  # used by softmax only
+
+
+def expectile_weights(advantage: Tensor, expectile: float) -> Tensor:
+    """IDQL's implicit-policy weights for the expectile critic: tau where Q > V, 1 - tau elsewhere.
+
+    The paper's w(s, a) = |f'(A)| / |A| for the critic loss f; the expectile loss f(A) = |tau - 1(A < 0)| A^2
+    makes that 2 |tau - 1(A < 0)|, whatever the size of A (ddpm_iql_learner.py `sample_implicit_policy`).
+    """
+    return torch.where(advantage > 0, expectile, 1.0 - expectile)
 
 
 class IDQL(Agent):
@@ -124,8 +133,7 @@ class IDQL(Agent):
             generator=generator)
         q = self.critic_target.q_min(obs_rep, actions)
         if cfg.selection == "expectile":
-            adv = q - self.value(obs_rep).squeeze(-1)
-            scores = torch.abs(cfg.expectile - (adv < 0).float()) / adv.abs().clamp_min(1e-6)
+            scores = expectile_weights(q - self.value(obs_rep).squeeze(-1), cfg.expectile)
         else:
             scores = q
         return select(actions, scores, cfg.num_candidates, cfg.selection, cfg.selection_temperature, generator)

@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from functools import partial
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -30,6 +29,9 @@ from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data.registry import reference_scores
 from cleandiff_rl.diffusion.solvers import SOLVERS, get_solver
+
+if TYPE_CHECKING:  # matplotlib loads only for planner figures: it costs every pipeline ~1 s at startup
+    from matplotlib.figure import Figure
 
 CROSS_SOLVERS: tuple[str, ...] = SOLVERS[:10]
 COLUMNS = ("solver", "steps", "nfe", "guidance_calls", "cfg_batched", "score_mean", "score_se", "return_mean",
@@ -277,6 +279,8 @@ def plan_figure(policy: Planner, env_id: str | None = None, *, seed: int = 0, di
         env.close()
     executed = np.stack(executed)
     dims = min(dims, policy.obs_dim)
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(3.2 * dims, 2.6))
     for d, ax in enumerate(fig.subplots(1, dims, squeeze=False)[0]):
         ax.plot(planned[:, d], label="planned")

@@ -1,8 +1,8 @@
 """Offline training of any policy in `cleandiff_rl.agents`: progress, TensorBoard, evaluation, resume.
 
 `train(cfg)` takes the composed `configs/train.yaml` (algo x task) and writes, in `cfg.run_dir`:
-`checkpoint.pt` (weights, optimizers, config, normalizer, step and RNG states; written atomically
-every `checkpoint_every` steps and at the end) and `tb/` (train/*, eval/score, eval/return).
+`checkpoint.pt` (weights, optimizers, config, normalizer, step and RNG states, and the run's wall time
+so far, periodic evaluations included; written atomically every `checkpoint_every` steps and at the end) and `tb/` (train/*, eval/score, eval/return).
 Rerunning the same command resumes from the checkpoint.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,7 @@ def train(cfg: DictConfig) -> Path:
         agent = algo_cls.from_checkpoint(resumed, device)
         start = resumed["step"]
         _set_rng_state(resumed["rng"], generator)
+    clock = time.perf_counter() - (0.0 if resumed is None else resumed.get("wall_seconds", 0.0))
 
     data.map_actions(agent.normalize_action)  # the networks see actions in [-1, 1]
     total = int(cfg.steps)
@@ -138,10 +140,11 @@ def train(cfg: DictConfig) -> Path:
                 if result[f"{key}_mean"] is not None:
                     writer.add_scalar(f"eval/{key}", result[f"{key}_mean"], done)
             if isinstance(agent, Planner):
-                writer.add_figure("eval/plan", plan_figure(agent, env_id, seed=cfg.seed + 100, progress=True), done)
+                writer.add_figure("eval/plan", plan_figure(agent, env_id, seed=cfg.seed + 100), done)
             bar.write(f"step {done}: return {result['return_mean']:.1f} ± {result['return_se']:.1f}"
                       + (f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""))
         if done % cfg.checkpoint_every == 0 or done == total:
-            agent.save(ckpt_path, step=done, rng=_rng_state(generator), run_config=config)
+            agent.save(ckpt_path, step=done, rng=_rng_state(generator), run_config=config,
+                       wall_seconds=time.perf_counter() - clock)
     writer.close()
     return ckpt_path

@@ -1,7 +1,8 @@
 """Normalized scores of BC, Diffusion BC, Diffusion-QL and IDQL (or any `algos`) at a stated training budget.
 
 Each algorithm trains through pipelines/train.py (in `jobs` parallel processes); every final
-checkpoint is then evaluated on the same seeds. Prints a table (with the dataset's own average and
+checkpoint is then evaluated on the same seeds. Rerunning with the same run_dir resumes unfinished
+trainings and re-evaluates finished ones (e.g. with new `act_variants`) without training again. Prints a table (with the dataset's own average and
 the wall time of each training run) and writes results.json / results.csv / TensorBoard in run_dir.
 """
 
@@ -12,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from cleandiff_rl.agents import Agent, load_policy
 from cleandiff_rl.data import normalized_score, read_episodes
 from cleandiff_rl.evaluation import evaluate
 from cleandiff_rl.training import compose_config
+from cleandiff_rl.utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -40,18 +41,19 @@ def use_datasets_root(setting: str, dataset_id: str) -> None:
 
 
 def train_one(cfg: DictConfig, algo: str, run_dir: Path) -> float:
-    """Train one algorithm in a subprocess (one torch thread); return its wall time in seconds."""
-    overrides = [f"algo={algo}", f"task={cfg.task}", f"steps={cfg.steps[algo]}", f"seed={cfg.seed}",
+    """Train (or resume) one algorithm in a subprocess (one torch thread); return the run's wall time in
+    seconds, as its checkpoint records it (so a finished run that is only re-evaluated keeps its time)."""
+    overrides = [f"algo={algo}", f"task={cfg.task}", f"dataset={cfg.dataset}", f"steps={cfg.steps[algo]}", f"seed={cfg.seed}",
                  f"device={cfg.device}", f"eval_every={cfg.eval_every}", "eval_episodes=5", f"run_dir={run_dir}"]
     if cfg.batch_size[algo] is not None:
         overrides.append(f"batch_size={cfg.batch_size[algo]}")
     overrides += [f"algo.params.{key}={value}" for key, value in (cfg.params.get(algo) or {}).items()]
-    start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(run_dir.parent / f"{algo}.log", "w") as log:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{algo}.log", "a") as log:
         subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), *overrides], check=True, env=env,
                        stdout=log, stderr=subprocess.STDOUT)
-    return time.perf_counter() - start
+    return load_checkpoint(run_dir / "checkpoint.pt")["wall_seconds"]
 
 
 def with_settings(policy: Agent, settings: dict) -> Agent:
@@ -67,7 +69,9 @@ def with_settings(policy: Agent, settings: dict) -> Agent:
 @hydra.main(config_path="../configs", config_name="benchmark_quality", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out = Path(cfg.run_dir)
-    dataset_id = compose_config([f"task={cfg.task}"]).dataset
+    if cfg.dataset is None:
+        cfg.dataset = compose_config([f"task={cfg.task}"]).dataset
+    dataset_id = cfg.dataset
     use_datasets_root(cfg.datasets_root, dataset_id)
     episodes = read_episodes(dataset_id)
     dataset_score = float(np.mean(normalized_score(dataset_id, np.add.reduceat(episodes.rew.astype(np.float64),

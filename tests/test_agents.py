@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from cleandiff_rl.agents import ALGORITHMS, get_algorithm, load_policy
 from cleandiff_rl.agents.common import select
 from cleandiff_rl.agents.idql import expectile_weights
 from cleandiff_rl.agents.planning import Planner
+from cleandiff_rl.data import normalized_score, read_episodes
 from cleandiff_rl.diffusion import DiffusionModel
 from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.evaluation import evaluate
@@ -276,3 +282,26 @@ def test_evaluate_pipeline_acts_at_the_given_temperature(hopper_random, tmp_path
     assert "solver ddim, 5 steps (nfe 5), temperature 0" in run.stdout
     result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert result["temperature"] == 0.0 and result["solver"] == "ddim" and result["episodes"] == 2
+
+
+def test_benchmark_quality_trains_evaluates_and_reevaluates_without_retraining(hopper_random, minari_root, tmp_path):
+    """The quality benchmark writes one row per algorithm and act variant next to the dataset's average, with
+    each run's wall time from its checkpoint; a rerun re-evaluates the finished checkpoints and trains nothing."""
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_quality.py"
+    command = [sys.executable, str(script), f"dataset={hopper_random}", f"datasets_root={minari_root}",
+               "algos=[diffusion_bc]", "steps.diffusion_bc=10", "episodes=2", "eval_every=0",
+               "+params.diffusion_bc={hidden_dim:32}", f"run_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["algo"] for r in rows] == ["dataset average", "diffusion_bc", "diffusion_bc (ddim T=0)"]
+    data = read_episodes(hopper_random)
+    returns = np.add.reduceat(data.rew.astype(np.float64), data.starts)
+    assert rows[0]["score_mean"] == pytest.approx(float(np.mean(normalized_score(hopper_random, returns))))
+    assert all(r["train_minutes"] > 0 and np.isfinite(r["score_mean"]) for r in rows[1:])
+    checkpoint = tmp_path / "diffusion_bc" / "checkpoint.pt"
+    written = checkpoint.stat().st_mtime_ns
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    again = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert checkpoint.stat().st_mtime_ns == written
+    assert [r["train_minutes"] for r in again] == [r["train_minutes"] for r in rows]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from offline_data import random_dataset
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_agents import SMALL, train_config
 
 from cleandiff_rl.agents import DecisionDiffuser, Diffuser, load_policy
@@ -105,9 +106,11 @@ def test_inverse_dynamics_beats_the_mean_action(hopper_random, monkeypatch):
 ])
 def test_unet_planners_at_horizons_that_are_not_powers_of_two(name, params, hopper_random, monkeypatch, tmp_path):
     monkeypatch.setenv("MINARI_DATASETS_PATH", hopper_random)
-    cfg = train_config(name, "test/hopper/random-v0", tmp_path, steps=3,
+    cfg = train_config(name, "test/hopper/random-v0", tmp_path, steps=3, eval_every=3, eval_episodes=1,
                        **{f"algo.params.{k}": v for k, v in params.items()})
     policy = load_policy(str(train(cfg)))
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    assert "eval/plan" in events.Tags()["images"] and "eval/score" in events.Tags()["scalars"]
     obs = np.random.default_rng(0).normal(size=(2, 11))
     actions = policy.act(obs)
     assert actions.shape == (2, 3) and np.all(np.abs(actions) <= 1.0)

@@ -1,9 +1,10 @@
 """Normalized scores of BC, Diffusion BC, Diffusion-QL and IDQL (or any `algos`) at a stated training budget.
 
 Each algorithm trains through pipelines/train.py (in `jobs` parallel processes); every final
-checkpoint is then evaluated on the same seeds. Rerunning with the same run_dir resumes unfinished
-trainings and re-evaluates finished ones (e.g. with new `act_variants`) without training again. Prints a table (with the dataset's own average and
-the wall time of each training run) and writes results.json / results.csv / TensorBoard in run_dir.
+checkpoint, and each of its `act_variants`, is then evaluated on the same seeds (`jobs` at a time).
+Rerunning with the same run_dir resumes unfinished trainings and re-evaluates finished ones (e.g. with
+new `act_variants`) without training again. Prints a table (with the dataset's own average and the
+wall time of each training run) and writes results.json / results.csv / TensorBoard in run_dir.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from cleandiff_rl.agents import Agent, load_policy
 from cleandiff_rl.data import normalized_score, read_episodes
@@ -82,20 +85,27 @@ def main(cfg: DictConfig) -> None:
     with ThreadPoolExecutor(cfg.jobs) as pool:
         walls = dict(zip(cfg.algos, pool.map(lambda a: train_one(cfg, a, out / a), cfg.algos)))
 
+    cells = [(algo, label, dict(settings)) for algo in cfg.algos
+             for label, settings in {algo: {}, **{f"{algo} ({name})": settings
+                                                  for name, settings in (cfg.act_variants.get(algo) or {}).items()}}.items()]
+
+    def evaluate_cell(cell: tuple[str, str, dict]) -> dict:
+        algo, label, settings = cell
+        policy = with_settings(load_policy(str(out / algo / "checkpoint.pt"), cfg.device), settings)
+        result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
+        return {"algo": label, "steps": cfg.steps[algo],
+                "batch_size": cfg.batch_size[algo] or compose_config([f"algo={algo}"]).batch_size,
+                "train_minutes": walls[algo] / 60, "score_mean": result["score_mean"],
+                "score_se": result["score_se"], "return_mean": result["return_mean"]}
+
+    torch.set_num_threads(1)  # `jobs` evaluations share the cores, one thread each
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        evaluated = list(tqdm(pool.map(evaluate_cell, cells), total=len(cells), desc=f"evaluate x{cfg.episodes}"))
     rows = [{"algo": "dataset average", "steps": 0, "batch_size": 0, "train_minutes": 0.0,
-             "score_mean": dataset_score, "score_se": float("nan"), "return_mean": float("nan")}]
+             "score_mean": dataset_score, "score_se": float("nan"), "return_mean": float("nan")}, *evaluated]
     writer = SummaryWriter(str(out / "tb"))
-    for algo in cfg.algos:
-        batch = cfg.batch_size[algo] or compose_config([f"algo={algo}"]).batch_size
-        variants = {algo: {}} | {f"{algo} ({name})": dict(settings)
-                                 for name, settings in (cfg.act_variants.get(algo) or {}).items()}
-        for label, settings in variants.items():
-            policy = with_settings(load_policy(str(out / algo / "checkpoint.pt"), cfg.device), settings)
-            result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000, progress=True)
-            rows.append({"algo": label, "steps": cfg.steps[algo], "batch_size": batch,
-                         "train_minutes": walls[algo] / 60, "score_mean": result["score_mean"],
-                         "score_se": result["score_se"], "return_mean": result["return_mean"]})
-            writer.add_scalar(f"benchmark/score/{label}", result["score_mean"], cfg.steps[algo])
+    for row in evaluated:
+        writer.add_scalar(f"benchmark/score/{row['algo']}", row["score_mean"], row["steps"])
     writer.close()
 
     (out / "results.json").write_text(json.dumps({"dataset": dataset_id, "rows": rows}, indent=2))

@@ -2,8 +2,9 @@
 
 Each algorithm trains through pipelines/train.py (in `jobs` parallel processes); every final
 checkpoint, and each of its `act_variants`, is then evaluated on the same seeds (`jobs` at a time).
-Rerunning with the same run_dir resumes unfinished trainings and re-evaluates finished ones (e.g. with
-new `act_variants`) without training again. Prints a table (with the dataset's own average and the
+Rerunning with the same run_dir resumes unfinished trainings and evaluates only what is new: each
+cell's result is kept in run_dir/<algo>/evaluations/ and reused while its checkpoint, settings,
+episodes and seed are the same (add `act_variants` and only those run). Prints a table (with the dataset's own average and the
 wall time of each training run) and writes results.json / results.csv / TensorBoard in run_dir.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -91,8 +93,18 @@ def main(cfg: DictConfig) -> None:
 
     def evaluate_cell(cell: tuple[str, str, dict]) -> dict:
         algo, label, settings = cell
-        policy = with_settings(load_policy(str(out / algo / "checkpoint.pt"), cfg.device), settings)
-        result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
+        key = {"settings": settings, "episodes": cfg.episodes, "seed": cfg.seed + 1000, "run_seconds": walls[algo]}
+        cache = out / algo / "evaluations" / f"{re.sub(r'[^A-Za-z0-9.=_-]+', '_', label)}.json"
+        cached = json.loads(cache.read_text()) if cache.is_file() else None
+        if cached is not None and cached["key"] == key:
+            result = cached["result"]
+        else:
+            policy = with_settings(load_policy(str(out / algo / "checkpoint.pt"), cfg.device), dict(settings))
+            result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
+            cache.parent.mkdir(exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "result": result}))
+            tmp.replace(cache)
         return {"algo": label, "steps": cfg.steps[algo],
                 "batch_size": cfg.batch_size[algo] or compose_config([f"algo={algo}"]).batch_size,
                 "train_minutes": walls[algo] / 60, "score_mean": result["score_mean"],

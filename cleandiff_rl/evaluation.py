@@ -143,7 +143,8 @@ def network_calls(policy: Agent) -> dict[str, Any]:
     return {"nfe": log["nfe"] + guidance, "guidance_calls": guidance, "cfg_batched": log.get("cfg_batched", False)}
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def write_atomic(path: Path, write: Any) -> None:
+    """Call `write(file)` on a temporary text file beside `path`, then rename it over `path`."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         write(f)
@@ -160,8 +161,8 @@ def write_sweep(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Pat
         table.writeheader()
         table.writerows(rows)
 
-    _write_atomic(out / "sweep.csv", write_csv)
-    _write_atomic(out / "sweep.json", lambda f: json.dump(rows, f, indent=1))
+    write_atomic(out / "sweep.csv", write_csv)
+    write_atomic(out / "sweep.json", lambda f: json.dump(rows, f, indent=1))
     return out / "sweep.csv", out / "sweep.json"
 
 

@@ -1,8 +1,9 @@
 """Offline training of any policy in `cleandiff_rl.agents`: progress, TensorBoard, evaluation, resume.
 
 `train(cfg)` takes the composed `configs/train.yaml` (algo x task) and writes, in `cfg.run_dir`:
-`checkpoint.pt` (weights, optimizers, config, normalizer, step and RNG states, and the run's wall time
-so far, periodic evaluations included; written atomically every `checkpoint_every` steps and at the end) and `tb/` (train/*, eval/score, eval/return).
+`checkpoint.pt` (weights, optimizers, config, normalizer, step and RNG states, and the run's wall
+time so far, periodic evaluations included; written atomically every `checkpoint_every` steps and at
+the end) and `tb/` (train/*, eval/score, eval/return).
 Rerunning the same command resumes from the checkpoint.
 """
 

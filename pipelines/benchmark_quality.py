@@ -4,8 +4,9 @@ Each algorithm trains through pipelines/train.py (in `jobs` parallel processes);
 checkpoint, and each of its `act_variants`, is then evaluated on the same seeds (`jobs` at a time).
 Rerunning with the same run_dir resumes unfinished trainings and evaluates only what is new: each
 cell's result is kept in run_dir/<algo>/evaluations/ and reused while its checkpoint, settings,
-episodes and seed are the same (add `act_variants` and only those run). Prints a table (with the dataset's own average and the
-wall time of each training run) and writes results.json / results.csv / TensorBoard in run_dir.
+episodes and seed are the same (add `act_variants` and only those run). Prints a table (with the
+dataset's own average and the wall time of each training run) and writes results.json /
+results.csv / TensorBoard in run_dir.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from cleandiff_rl.agents import Agent, load_policy
 from cleandiff_rl.data import normalized_score, read_episodes
-from cleandiff_rl.evaluation import evaluate
+from cleandiff_rl.evaluation import evaluate, write_atomic
 from cleandiff_rl.training import compose_config
 from cleandiff_rl.utils import load_checkpoint
 
@@ -48,8 +49,9 @@ def use_datasets_root(setting: str, dataset_id: str) -> None:
 def train_one(cfg: DictConfig, algo: str, run_dir: Path) -> float:
     """Train (or resume) one algorithm in a subprocess (one torch thread); return the run's wall time in
     seconds, as its checkpoint records it (so a finished run that is only re-evaluated keeps its time)."""
-    overrides = [f"algo={algo}", f"task={cfg.task}", f"dataset={cfg.dataset}", f"steps={cfg.steps[algo]}", f"seed={cfg.seed}",
-                 f"device={cfg.device}", f"eval_every={cfg.eval_every}", "eval_episodes=5", f"run_dir={run_dir}"]
+    overrides = [f"algo={algo}", f"task={cfg.task}", f"dataset={cfg.dataset}", f"steps={cfg.steps[algo]}",
+                 f"seed={cfg.seed}", f"device={cfg.device}", f"eval_every={cfg.eval_every}", "eval_episodes=5",
+                 f"run_dir={run_dir}"]
     if cfg.batch_size[algo] is not None:
         overrides.append(f"batch_size={cfg.batch_size[algo]}")
     overrides += [f"algo.params.{key}={value}" for key, value in (cfg.params.get(algo) or {}).items()]
@@ -87,9 +89,11 @@ def main(cfg: DictConfig) -> None:
     with ThreadPoolExecutor(cfg.jobs) as pool:
         walls = dict(zip(cfg.algos, pool.map(lambda a: train_one(cfg, a, out / a), cfg.algos)))
 
-    cells = [(algo, label, dict(settings)) for algo in cfg.algos
-             for label, settings in {algo: {}, **{f"{algo} ({name})": settings
-                                                  for name, settings in (cfg.act_variants.get(algo) or {}).items()}}.items()]
+    batch_sizes = {algo: cfg.batch_size[algo] or compose_config([f"algo={algo}"]).batch_size for algo in cfg.algos}
+    cells = []  # (algo, row label, act settings): each algorithm's default acting, then its variants
+    for algo in cfg.algos:
+        variants = cfg.act_variants.get(algo) or {}
+        cells += [(algo, algo, {})] + [(algo, f"{algo} ({name})", dict(settings)) for name, settings in variants.items()]
 
     def evaluate_cell(cell: tuple[str, str, dict]) -> dict:
         algo, label, settings = cell
@@ -102,11 +106,8 @@ def main(cfg: DictConfig) -> None:
             policy = with_settings(load_policy(str(out / algo / "checkpoint.pt"), cfg.device), dict(settings))
             result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
             cache.parent.mkdir(exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"key": key, "result": result}))
-            tmp.replace(cache)
-        return {"algo": label, "steps": cfg.steps[algo],
-                "batch_size": cfg.batch_size[algo] or compose_config([f"algo={algo}"]).batch_size,
+            write_atomic(cache, lambda f: json.dump({"key": key, "result": result}, f))
+        return {"algo": label, "steps": cfg.steps[algo], "batch_size": batch_sizes[algo],
                 "train_minutes": walls[algo] / 60, "score_mean": result["score_mean"],
                 "score_se": result["score_se"], "return_mean": result["return_mean"]}
 

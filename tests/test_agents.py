@@ -159,7 +159,8 @@ def test_dql_q_loss_only_reaches_levels_the_bc_loss_trains():
 
 
 def test_idql_expectile_weights_depend_only_on_the_sign_of_the_advantage():
-    """|f'(A)| / |A| for the expectile loss is tau or 1 - tau: a candidate barely above V weighs as much as one far above."""
+    """|f'(A)| / |A| for the expectile loss is tau or 1 - tau: a candidate barely above V weighs as much
+    as one far above."""
     adv = torch.tensor([-100.0, -1e-3, 0.0, 1e-3, 100.0])
     assert expectile_weights(adv, 0.7).tolist() == pytest.approx([0.3, 0.3, 0.3, 0.7, 0.7])
 

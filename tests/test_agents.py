@@ -231,6 +231,34 @@ def test_cuda_graph_replay_trains_like_eager_updates(algo):
                 torch.testing.assert_close(graphed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("algo", ["dql", "idql", "diffusion_bc", "bc"])
+def test_cpu_fast_paths_leave_losses_weights_and_actions_unchanged(algo):
+    """The CPU speed-ups (Mish from one sigmoid, fused Adam: `utils.fast`) train and act like torch's
+    default kernels to float rounding: the same metrics, weights and actions after a few updates."""
+    from cleandiff_rl.utils import fast_paths
+
+    batches = [{"obs": torch.randn(64, 11), "act": torch.rand(64, 3) * 2 - 1, "next_obs": torch.randn(64, 11),
+                "rew": torch.randn(64), "terminal": (torch.rand(64) < 0.1).float()} for _ in range(6)]
+    obs = np.random.default_rng(0).normal(size=(5, 11))
+
+    def run(enabled: bool) -> tuple[list[dict], dict, np.ndarray]:
+        with fast_paths(enabled):
+            torch.manual_seed(0)
+            agent = get_algorithm(algo)(11, 3, {**SMALL[algo], "ema_start": 0} if algo != "bc" else SMALL[algo],
+                                        device="cpu")
+            metrics = [agent.update(batch) for batch in batches]
+            return metrics, agent.state_dict(), agent.act(obs, generator=torch.Generator().manual_seed(3))
+
+    fast, slow = run(True), run(False)
+    for step_fast, step_slow in zip(fast[0], slow[0]):
+        assert step_fast.keys() == step_slow.keys()
+        for key in step_fast:
+            assert step_fast[key] == pytest.approx(step_slow[key], rel=1e-4, abs=1e-5), key
+    for key, value in slow[1].items():
+        torch.testing.assert_close(fast[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    np.testing.assert_allclose(fast[2], slow[2], rtol=1e-4, atol=1e-5)
+
+
 def test_critic_diagnostics_pipeline(hopper_random, tmp_path):
     """critic_diagnostics runs on a Q-learning checkpoint and refuses a policy without a critic."""
     import os

@@ -249,3 +249,25 @@ def test_dql_mlp_fits_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_cpu_mish_matches_torch_in_value_and_gradient():
+    """The one-sigmoid Mish equals F.mish to float64 rounding over the whole range, tails included, and
+    its derivative equals autograd's through F.mish."""
+    import torch.nn.functional as F
+
+    from cleandiff_rl.nn import Mish
+    from cleandiff_rl.utils import fast_paths
+
+    x = torch.cat([torch.linspace(-200.0, 200.0, 40001, dtype=torch.float64), torch.tensor([-1e4, 1e4])])
+    x.requires_grad_(True)
+    with fast_paths(True):
+        y = Mish()(x)
+    assert y.grad_fn is not None and "SigmoidMish" in type(y.grad_fn).__name__  # the fast path ran
+    reference = F.mish(x)
+    torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(reference.sum(), x)[0],
+                               rtol=1e-10, atol=1e-300)
+    assert torch.autograd.gradcheck(Mish(), (torch.randn(64, dtype=torch.float64, requires_grad=True) * 5,))
+    small = torch.randn(1000) * 10
+    torch.testing.assert_close(Mish()(small), F.mish(small), rtol=2e-6, atol=1e-7)

@@ -99,10 +99,12 @@ class DiffusionQL(Agent):
         # 2. actor: BC loss + eta * normalized Q loss, gradients through the whole sampling chain
         bc_loss = self.actor.loss(act, obs)
         new_act = self._sample(obs, use_ema=False, requires_grad=True)
+        self.critic.requires_grad_(False)  # the Q loss trains the actor only: no critic weight gradients
         q1_pi, q2_pi = self.critic(obs, new_act)
+        self.critic.requires_grad_(True)
         flip = torch.randint(2, (), device=self.device).float()  # which critic is maximized; the other normalizes
         q_loss = -torch.lerp(q1_pi, q2_pi, flip).mean() / torch.lerp(q2_pi, q1_pi, flip).abs().mean().detach()
-        actor_grad = self.actor.optimize(bc_loss + cfg.eta * q_loss)  # the critic's grads are cleared before its next step
+        actor_grad = self.actor.optimize(bc_loss + cfg.eta * q_loss)
 
         # 3. target critic
         soft_update(self.critic_target, self.critic, cfg.tau)

@@ -9,12 +9,12 @@ MLPs take x (batch, x_dim); sequence backbones x (batch, horizon, x_dim), any ho
 from .conditions import IdentityCondition, MLPCondition
 from .dit import DiT1d
 from .embeddings import TIME_SCALE, FourierEmbedding, SinusoidalEmbedding, TimeConditionEmbedding, TimeMLP
-from .layers import activation, mlp
+from .layers import Mish, activation, mlp
 from .mlp import DQLMlp, IDQLMlp
 from .unet import HalfJannerUNet1d, JannerUNet1d
 
 __all__ = [
     "TIME_SCALE", "SinusoidalEmbedding", "FourierEmbedding", "TimeMLP", "TimeConditionEmbedding",
     "IdentityCondition", "MLPCondition", "DQLMlp", "IDQLMlp", "JannerUNet1d", "HalfJannerUNet1d", "DiT1d",
-    "activation", "mlp",
+    "Mish", "activation", "mlp",
 ]

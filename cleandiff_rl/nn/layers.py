@@ -1,13 +1,58 @@
-"""Small shared building blocks: the activation lookup and a plain MLP builder."""
+"""Small shared building blocks: Mish, the activation lookup and a plain MLP builder."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from cleandiff_rl.utils.fast import fast_paths_enabled
+
+
+class _SigmoidMish(torch.autograd.Function):
+    """Mish from one sigmoid, in a few vectorized passes; values equal torch's to float rounding.
+
+    With s = sigmoid(x) and n = s (2 - s): tanh(softplus(x)) = n / (2 - n), because 1 + e^x = 1 / (1 - s)
+    and tanh(log y) = (y^2 - 1) / (y^2 + 1). Exact in both tails (x -> -inf: ~e^x; x -> inf: 1).
+    The derivative, g + x s (1 - g^2) with g = tanh(softplus(x)), is formed in the forward pass when a
+    gradient is needed, so backward is one multiply.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001 (autograd's ctx)
+        s = torch.sigmoid(x)
+        g = (2.0 - s).mul_(s)
+        g.div_(2.0 - g)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(g.square().neg_().add_(1.0).mul_(s).mul_(x).add_(g))
+        return x * g
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        (derivative,) = ctx.saved_tensors
+        return grad * derivative
+
+
+class Mish(nn.Module):
+    """x * tanh(softplus(x)) (Misra 2019), the activation of Diffusion-QL's and Diffuser's networks.
+
+    On the CPU it runs as `_SigmoidMish`: the same values to float rounding, about 2x faster forward
+    and backward (torch's CPU kernel evaluates tanh and softplus unvectorized). Elsewhere torch's
+    fused kernel, one launch, is faster. `cleandiff_rl.utils.fast_paths(False)` switches back to torch's.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and fast_paths_enabled():
+            return _SigmoidMish.apply(x)
+        return F.mish(x)
+
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "mish": nn.Mish,
+    "mish": Mish,
     "silu": nn.SiLU,
     "swish": nn.SiLU,  # the JAX name used by IDQL
     "relu": nn.ReLU,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .embeddings import TimeMLP
-from .layers import activation
+from .layers import Mish, activation
 
 
 class _MLPBackbone(nn.Module):
@@ -41,9 +41,9 @@ class DQLMlp(_MLPBackbone):
         self.cond_dim = cond_dim
         self.time_mlp = TimeMLP(emb_dim, 2 * emb_dim, emb_dim, embedding=time_embedding, act="mish")
         self.net = nn.Sequential(
-            nn.Linear(x_dim + emb_dim + cond_dim, hidden_dim), nn.Mish(),
-            nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
-            nn.Linear(hidden_dim, hidden_dim), nn.Mish(),
+            nn.Linear(x_dim + emb_dim + cond_dim, hidden_dim), Mish(),
+            nn.Linear(hidden_dim, hidden_dim), Mish(),
+            nn.Linear(hidden_dim, hidden_dim), Mish(),
             nn.Linear(hidden_dim, x_dim),
         )
 

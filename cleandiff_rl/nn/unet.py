@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .embeddings import TimeConditionEmbedding, TimeMLP
+from .layers import Mish
 
 
 def _conv_block(c_in: int, c_out: int, kernel_size: int, n_groups: int) -> nn.Sequential:
     """Conv1d (same length) -> GroupNorm -> Mish: Diffuser's Conv1dBlock."""
     return nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
-                         nn.GroupNorm(n_groups, c_out), nn.Mish())
+                         nn.GroupNorm(n_groups, c_out), Mish())
 
 
 class _ResidualTemporalBlock(nn.Module):
@@ -36,7 +37,7 @@ class _ResidualTemporalBlock(nn.Module):
         super().__init__()
         self.conv1 = _conv_block(c_in, c_out, kernel_size, n_groups)
         self.conv2 = _conv_block(c_out, c_out, kernel_size, n_groups)
-        self.emb_proj = nn.Sequential(nn.Mish(), nn.Linear(emb_dim, c_out))
+        self.emb_proj = nn.Sequential(Mish(), nn.Linear(emb_dim, c_out))
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -164,7 +165,7 @@ class HalfJannerUNet1d(nn.Module):
         for _ in range(len(dim_mults) + 2):  # each stride-2 conv maps L to ceil(L / 2)
             length = (length + 1) // 2
         fc_dim = mid // 4 * length
-        self.head = nn.Sequential(nn.Linear(fc_dim + model_dim, fc_dim // 2), nn.Mish(),
+        self.head = nn.Sequential(nn.Linear(fc_dim + model_dim, fc_dim // 2), Mish(),
                                   nn.Linear(fc_dim // 2, out_dim))
 
     def forward(self, x: Tensor, t: Tensor, condition: Tensor | None = None) -> Tensor:

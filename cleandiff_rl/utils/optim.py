@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from cleandiff_rl.utils.fast import fast_paths_enabled
+
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, parameters: Iterable[Tensor],
                    max_norm: float | None = None) -> Tensor:
@@ -15,10 +17,17 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, parameters: I
 
     Nothing here reads a value back to the host, so a whole update can be captured in a CUDA graph
     (`CudaGraphStep`); a NaN/inf loss is caught where the metrics are read (`finite_floats`).
+    On the CPU an Adam(W) steps fused (`utils.fast`), decided here because a checkpoint's optimizer
+    state may come from another device.
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm if max_norm else math.inf)
+    parameters = list(parameters)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm else math.inf)
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        fused = fast_paths_enabled() and parameters[0].device.type == "cpu"
+        for group in optimizer.param_groups:
+            group["fused"] = fused or None
     optimizer.step()
     return grad_norm
 

@@ -1,9 +1,9 @@
 """Offline training of any policy in `cleandiff_rl.agents`: progress, TensorBoard, evaluation, resume.
 
 `train(cfg)` takes the composed `configs/train.yaml` (algo x task) and writes, in `cfg.run_dir`:
-`checkpoint.pt` (weights, optimizers, config, normalizer, step and RNG states, and the run's wall
-time so far, periodic evaluations included; written atomically every `checkpoint_every` steps and at
-the end) and `tb/` (train/*, eval/score, eval/return).
+`checkpoint.pt` (weights, optimizers, config, normalizer, step and RNG states, the run's wall time
+so far and the part of it spent in periodic evaluations; written atomically every `checkpoint_every`
+steps and at the end) and `tb/` (train/*, eval/score, eval/return).
 Rerunning the same command resumes from the checkpoint.
 """
 
@@ -76,6 +76,17 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["batches"])
 
 
+def new_agent(algo_cls: type[Agent], params: dict, minari_dataset: Any, data: Any, *, env_id: str,
+              device: torch.device) -> Agent:
+    """A freshly initialized agent for `data` (what `algo_cls.training_data` made of `minari_dataset`),
+    with the data's observation normalizer, the dataset's action bounds and its statistics (`prepare`)."""
+    space = minari_dataset.action_space
+    agent = algo_cls(data.obs_dim, data.act_dim, params, obs_normalizer=data.normalizer_state()["obs"], env_id=env_id,
+                     dataset_id=minari_dataset.spec.dataset_id, action_bounds=(space.low, space.high), device=device)
+    agent.prepare(data)
+    return agent
+
+
 def train(cfg: DictConfig) -> Path:
     """Train (or resume) the policy `cfg` describes; return the path of the final checkpoint."""
     run_dir = Path(cfg.run_dir)
@@ -97,17 +108,14 @@ def train(cfg: DictConfig) -> Path:
                                   normalizer_state=None if resumed is None else {"obs": resumed["obs_normalizer"]})
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if resumed is None:
-        space = minari_dataset.action_space
-        agent: Agent = algo_cls(data.obs_dim, data.act_dim, params, obs_normalizer=data.normalizer_state()["obs"],
-                                env_id=env_id, dataset_id=cfg.dataset, action_bounds=(space.low, space.high),
-                                device=device)
-        agent.prepare(data)
+        agent = new_agent(algo_cls, params, minari_dataset, data, env_id=env_id, device=device)
         start = 0
     else:
         agent = algo_cls.from_checkpoint(resumed, device)
         start = resumed["step"]
         _set_rng_state(resumed["rng"], generator)
     clock = time.perf_counter() - (0.0 if resumed is None else resumed.get("wall_seconds", 0.0))
+    eval_seconds = 0.0 if resumed is None else resumed.get("eval_seconds", 0.0)
 
     data.map_actions(agent.normalize_action)  # the networks see actions in [-1, 1]
     total = int(cfg.steps)
@@ -122,7 +130,7 @@ def train(cfg: DictConfig) -> Path:
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"{algo_cls.name} {cfg.dataset}",
                dynamic_ncols=True, mininterval=1.0)
     for step in bar:
-        metrics = step_fn(data.sample(int(cfg.batch_size), generator))
+        metrics = step_fn(data.sample(int(cfg.batch_size) * agent.batches_per_step, generator))
         agent.after_step()
         for key, value in metrics.items():  # summed on the device: no sync until the next log
             sums[key] = sums[key] + value if key in sums else value.clone()
@@ -136,6 +144,7 @@ def train(cfg: DictConfig) -> Path:
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(means.items())[:3]})
             sums.clear()
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
+            eval_start = time.perf_counter()
             result = evaluate(agent, env_id, episodes=cfg.eval_episodes, seed=cfg.seed + 100, progress=True)
             for key in ("score", "return"):
                 if result[f"{key}_mean"] is not None:
@@ -144,8 +153,9 @@ def train(cfg: DictConfig) -> Path:
                 writer.add_figure("eval/plan", plan_figure(agent, env_id, seed=cfg.seed + 100), done)
             bar.write(f"step {done}: return {result['return_mean']:.1f} ± {result['return_se']:.1f}"
                       + (f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""))
+            eval_seconds += time.perf_counter() - eval_start
         if done % cfg.checkpoint_every == 0 or done == total:
             agent.save(ckpt_path, step=done, rng=_rng_state(generator), run_config=config,
-                       wall_seconds=time.perf_counter() - clock)
+                       wall_seconds=time.perf_counter() - clock, eval_seconds=eval_seconds)
     writer.close()
     return ckpt_path

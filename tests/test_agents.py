@@ -165,6 +165,29 @@ def test_idql_expectile_weights_depend_only_on_the_sign_of_the_advantage():
     assert expectile_weights(adv, 0.7).tolist() == pytest.approx([0.3, 0.3, 0.3, 0.7, 0.7])
 
 
+def test_idql_critic_updates_give_the_critics_their_own_budget(hopper_random, tmp_path):
+    """`critic_updates=k`: train() samples k batches per step; value and critics step k times on them,
+    the behavior model once, on the first."""
+    path = train(train_config("idql", hopper_random, tmp_path, steps=4, **{"algo.params.critic_updates": 3}))
+    state = load_checkpoint(path)
+
+    def adam_steps(name: str) -> set[int]:
+        return {int(s["step"]) for s in state["optimizers"][name]["state"].values()}
+
+    assert adam_steps("critic") == adam_steps("value") == {12} and adam_steps("actor") == {4}
+    agent = get_algorithm("idql")(11, 3, {**SMALL["idql"], "critic_updates": 2}, device="cpu")
+    assert agent.batches_per_step == 2
+    batch = {"obs": torch.randn(64, 11), "act": torch.rand(64, 3) * 2 - 1, "next_obs": torch.randn(64, 11),
+             "rew": torch.randn(64), "terminal": torch.zeros(64)}
+    loss = agent.actor.loss
+    seen = []
+    agent.actor.loss = lambda act, obs: seen.append(len(act)) or loss(act, obs)
+    agent.update(batch)
+    assert seen == [32]
+    with pytest.raises(ValueError, match="critic_updates must be >= 1"):
+        get_algorithm("idql")(11, 3, {"critic_updates": 0}, device="cpu")
+
+
 def test_select_modes():
     actions = torch.arange(6.0).view(6, 1)  # two observations x three candidates
     scores = torch.tensor([0.1, 5.0, 0.2, 3.0, 1.0, 2.0])
@@ -313,24 +336,40 @@ def test_evaluate_pipeline_acts_at_the_given_temperature(hopper_random, tmp_path
     assert result["temperature"] == 0.0 and result["solver"] == "ddim" and result["episodes"] == 2
 
 
-def test_benchmark_quality_rerun_reuses_its_trainings_and_evaluations(hopper_random, minari_root, tmp_path):
-    """The quality benchmark writes one row per algorithm and act variant next to the dataset's average, with
-    each run's wall time from its checkpoint; a rerun trains and evaluates nothing that is already done."""
-    script = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_quality.py"
-    command = [sys.executable, str(script), f"dataset={hopper_random}", f"datasets_root={minari_root}",
-               "algos=[diffusion_bc]", "steps.diffusion_bc=10", "episodes=2", "eval_every=0",
-               "+params.diffusion_bc={hidden_dim:32}", f"run_dir={tmp_path}"]
+def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_random, minari_root, tmp_path):
+    """The suite builds a missing dataset, writes one row per dataset x (algorithm, act variant) beside each
+    dataset's own average, a CSV, a PNG and TensorBoard; a rerun trains and evaluates nothing again; a
+    bad dataset entry is one clear error."""
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_suite.py"
+    out = tmp_path / "suite"
+    command = [sys.executable, str(script), "suite=smoke", f"datasets=[{hopper_random},test/hopper/medium-v0]",
+               "algos=[diffusion_bc,bc]", f"run_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, capture_output=True)
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["algo"] for r in rows] == ["dataset average", "diffusion_bc", "diffusion_bc (ddim T=0)"]
-    data = read_episodes(hopper_random)
-    returns = np.add.reduceat(data.rew.astype(np.float64), data.starts)
-    assert rows[0]["score_mean"] == pytest.approx(float(np.mean(normalized_score(hopper_random, returns))))
-    assert all(r["train_minutes"] > 0 and np.isfinite(r["score_mean"]) for r in rows[1:])
-    done = [tmp_path / "diffusion_bc" / "checkpoint.pt", *(tmp_path / "diffusion_bc" / "evaluations").glob("*.json")]
+    assert (minari_root / "test/hopper/medium-v0").is_dir() and (out / "logs" / "build-hopper.log").is_file()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    names = ["test_hopper_random-v0", "test_hopper_medium-v0"]
+    assert [(r["dataset"], r["label"]) for r in rows] == [
+        *((name, "dataset average") for name in names),
+        *((name, label) for name in names for label in ("diffusion_bc", "diffusion_bc (ddim T=0)")),
+        *((name, "bc") for name in names)]
+    for name, dataset_id in zip(names, [hopper_random, "test/hopper/medium-v0"]):
+        data = read_episodes(dataset_id)
+        returns = np.add.reduceat(data.rew.astype(np.float64), data.starts)
+        assert rows[names.index(name)]["score_mean"] == pytest.approx(float(np.mean(normalized_score(dataset_id,
+                                                                                                      returns))))
+    trained = rows[2:]
+    assert all(r["train_minutes"] > 0 and r["updates_per_second"] > 0 and np.isfinite(r["score_mean"])
+               and r["episodes"] == 2 for r in trained)
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + len(rows)
+    assert (out / "scores.png").stat().st_size > 10_000 and any((out / "tb").iterdir())
+    done = sorted([*out.glob("*/*/checkpoint.pt"), *out.glob("*/*/evaluations/*.json")])
+    assert len(done) == 4 + 6
     written = [path.stat().st_mtime_ns for path in done]
-    assert len(done) == 3
     subprocess.run(command, check=True, env=env, capture_output=True)
     assert [path.stat().st_mtime_ns for path in done] == written
-    assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+    bad = subprocess.run([*command[:3], "datasets=[hopper-mediun]", f"run_dir={tmp_path / 'bad'}"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown dataset 'hopper-mediun': neither a task" in bad.stderr
+    assert not (tmp_path / "bad").exists()

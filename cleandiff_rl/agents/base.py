@@ -80,6 +80,11 @@ class Agent(nn.Module):
     def device(self) -> torch.device:
         return self._act_low.device
 
+    @property
+    def batches_per_step(self) -> int:
+        """How many batches of `batch_size` one `train_step` takes, stacked into one (IDQL's critic updates)."""
+        return 1
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module's hook behind .to() / .cuda() / .cpu())
         super()._apply(fn, recurse)
         if self.obs_normalizer is not None:  # a plain object, not a module: move it by hand

@@ -1,10 +1,13 @@
 """IDQL (Hansen-Estruch et al. 2023): IQL critics + a diffusion behavior model, combined at act time.
 
-Per update (philippe-eecs/IDQL, jaxrl5/agents/ddpm_iql_simple/ddpm_iql_learner.py):
+Per update (philippe-eecs/IDQL, jaxrl5/agents/ddpm_iql_simple/ddpm_iql_learner.py), repeated
+`critic_updates` times on batches of their own for steps 1-2:
 1. Value: V(s) fits the tau-expectile (tau = 0.7) of min(Q1', Q2')(s, a) over dataset actions.
 2. Critic: twin Q regress r * reward_scale + gamma (1 - terminal) V(s'); targets track with 0.005.
 3. Behavior: a diffusion model (IDQL's LN-ResNet) learns pi_beta(a | s) by plain denoising; it
-   never sees Q, so actor and critic train independently.
+   never sees Q, so actor and critic train independently, and each gets its own budget: the critics
+   (two small MLPs) cost a fraction of the behavior model, so `critic_updates > 1` buys many more
+   critic updates for little wall time (the original: 1).
 Acting: sample `num_candidates` actions from the EMA behavior model and resample one with the
 implicit-policy weights of the expectile loss (`selection: expectile`, the paper's; see
 `expectile_weights`), or take argmax Q (the released code's evaluation), or softmax.
@@ -50,6 +53,7 @@ class IDQLConfig(DiffusionActorConfig):
     tau: float = 0.005
     critic_lr: float = 3e-4
     critic_hidden: int = 256
+    critic_updates: int = 1  # value + critic updates per behavior-model update, each on its own batch
     scale_rewards: bool = True  # r * 1000 / (max - min episode return)
     num_candidates: int = 64
     selection: str = "expectile"
@@ -74,6 +78,8 @@ class IDQL(Agent):
         cfg = self.config
         if cfg.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {cfg.selection!r}; valid: {', '.join(SELECTIONS)}")
+        if cfg.critic_updates < 1:
+            raise ValueError(f"critic_updates must be >= 1, got {cfg.critic_updates}")
         backbone = IDQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim, n_blocks=cfg.n_blocks, dropout=cfg.dropout)
         self.actor = diffusion_actor(cfg, backbone, device=self.device)
         hidden = (cfg.critic_hidden,) * 2
@@ -87,6 +93,10 @@ class IDQL(Agent):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer, "critic": self.critic_optimizer, "value": self.value_optimizer}
 
+    @property
+    def batches_per_step(self) -> int:
+        return self.config.critic_updates
+
     def prepare(self, dataset) -> None:
         """Fix the reward scale from the dataset's episode returns (before training)."""
         returns = dataset.episode_returns
@@ -96,26 +106,30 @@ class IDQL(Agent):
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         cfg = self.config
-        obs, act = batch["obs"], batch["act"]
+        chunks = [{key: value.chunk(cfg.critic_updates)[i] for key, value in batch.items()}
+                  for i in range(cfg.critic_updates)]  # `batches_per_step` batches, stacked
+        for part in chunks:
+            obs, act = part["obs"], part["act"]
 
-        # 1. value: expectile regression onto the target critic
-        with torch.no_grad():
-            q_target = self.critic_target.q_min(obs, act)
-        v = self.value(obs).squeeze(-1)
-        diff = q_target - v
-        value_loss = (torch.abs(cfg.expectile - (diff < 0).float()) * diff**2).mean()
-        optimizer_step(self.value_optimizer, value_loss, self.value.parameters())
+            # 1. value: expectile regression onto the target critic
+            with torch.no_grad():
+                q_target = self.critic_target.q_min(obs, act)
+            v = self.value(obs).squeeze(-1)
+            diff = q_target - v
+            value_loss = (torch.abs(cfg.expectile - (diff < 0).float()) * diff**2).mean()
+            optimizer_step(self.value_optimizer, value_loss, self.value.parameters())
 
-        # 2. critic: one-step TD onto V(s')
-        with torch.no_grad():
-            next_v = self.value(batch["next_obs"]).squeeze(-1)
-            target = batch["rew"] * self.reward_scale + cfg.discount * (1.0 - batch["terminal"]) * next_v
-        q1, q2 = self.critic(obs, act)
-        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-        optimizer_step(self.critic_optimizer, critic_loss, self.critic.parameters())
-        soft_update(self.critic_target, self.critic, cfg.tau)
+            # 2. critic: one-step TD onto V(s')
+            with torch.no_grad():
+                next_v = self.value(part["next_obs"]).squeeze(-1)
+                target = part["rew"] * self.reward_scale + cfg.discount * (1.0 - part["terminal"]) * next_v
+            q1, q2 = self.critic(obs, act)
+            critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+            optimizer_step(self.critic_optimizer, critic_loss, self.critic.parameters())
+            soft_update(self.critic_target, self.critic, cfg.tau)
 
-        # 3. behavior model: denoising only
+        # 3. behavior model: denoising only, on the first batch
+        obs, act = chunks[0]["obs"], chunks[0]["act"]
         self.actor.model.train()
         bc_loss = self.actor.loss(act, obs)
         actor_grad = self.actor.optimize(bc_loss)

@@ -1,0 +1,279 @@
+"""Many datasets x algorithms in one command: build what is missing, train, evaluate, tabulate.
+
+    python pipelines/benchmark_suite.py                                    # CPU preset: 9 tasks x 4 algorithms
+    python pipelines/benchmark_suite.py 'datasets=[hopper-medium-replay]' 'algos=[dql,bc]'
+    python pipelines/benchmark_suite.py 'datasets=[mujoco/hopper/medium-v0]'   # any Minari id
+    python pipelines/benchmark_suite.py suite=gpu                          # paper-order budgets on one GPU
+
+For every dataset (a task name from configs/task, or any Minari id):
+1. build it with the project's builder (pipelines/make_dataset.py) when the Minari root lacks it;
+2. train every algorithm at the preset's budget (pipelines/train.py, `jobs` runs at a time);
+3. evaluate every final checkpoint, and each of its act variants, on the same `episodes` env seeds.
+A rerun with the same run_dir resumes unfinished trainings and reuses finished trainings and each
+cell's evaluation (run_dir/<dataset>/<algo>/evaluations). Writes results.json, results.csv, scores.png
+and TensorBoard (run_dir/tb); each build and training logs to run_dir/logs/.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from cleandiff_rl.agents import Agent, get_algorithm, load_policy
+from cleandiff_rl.data import normalized_score, read_episodes
+from cleandiff_rl.data.registry import build_command, datasets_root, parse_id, task_of
+from cleandiff_rl.evaluation import evaluate, write_atomic
+from cleandiff_rl.training import CONFIG_DIR, compose_config
+from cleandiff_rl.utils import load_checkpoint
+
+PIPELINES = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str        # the table's column and the run folder: the task name, or the id with '/' -> '_'
+    id: str          # the Minari dataset id
+    task: str | None  # the configs/task entry whose per-task settings apply, if any
+
+
+def resolve_datasets(entries: list[str]) -> list[Dataset]:
+    """Task names and Minari ids -> datasets; an entry that is neither is one clear error."""
+    tasks = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
+    datasets = []
+    for entry in entries:
+        entry = str(entry)
+        if entry in tasks:
+            datasets.append(Dataset(entry, compose_config([f"task={entry}"]).dataset, entry))
+            continue
+        try:
+            _, level, _ = parse_id(entry)
+        except ValueError:
+            raise ValueError(f"unknown dataset {entry!r}: neither a task ({', '.join(tasks)}) nor a Minari id "
+                             "('namespace/name-vN')") from None
+        task = f"{task_of(entry)}-{level}"
+        datasets.append(Dataset(entry.replace("/", "_"), entry, task if task in tasks else None))
+    if len({d.id for d in datasets}) != len(datasets):
+        raise ValueError(f"datasets lists a dataset twice: {[d.id for d in datasets]}")
+    return datasets
+
+
+def build_missing(datasets: list[Dataset], cfg: DictConfig, out: Path) -> None:
+    """Build the datasets the Minari root lacks: one builder run (one SAC training, resumable, in
+    out/builds/) per env."""
+    root = datasets_root()
+    missing = [d for d in datasets if not (root / d.id).is_dir()]
+    unbuildable = [d.id for d in missing if build_command(d.id) is None]
+    if unbuildable:
+        raise ValueError(f"datasets {unbuildable} are not in {root}, and the builder only makes "
+                         "'<namespace>/<env>/<level>-v<N>' ids; set MINARI_DATASETS_PATH or datasets_root")
+    runs: dict[tuple[str, str, int], list[str]] = {}  # (env, namespace, version) -> levels
+    for d in missing:
+        namespace, level, version = parse_id(d.id)
+        runs.setdefault((task_of(d.id), namespace.rsplit("/", 1)[0], version), []).append(level)
+    commands = [[sys.executable, str(PIPELINES / "make_dataset.py"), f"env={env}", f"namespace={namespace}",
+                 f"version={version}", f"levels=[{','.join(levels)}]", f"make_dataset={cfg.build_preset}",
+                 f"seed={cfg.seed}", f"run_dir={out / 'builds' / f'{namespace}-{env}-v{version}'}"]
+                for (env, namespace, version), levels in runs.items()]
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        list(pool.map(lambda c: run_logged(c, out / "logs" / f"build-{c[2].removeprefix('env=')}.log"), commands))
+
+
+def run_logged(command: list[str], log: Path) -> None:
+    """Run a pipeline in a subprocess with one torch thread, appending its output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[1:3])} ... failed (exit {done.returncode}); see {log}")
+
+
+def lr_overrides(algo: str, batch_size: int | None, scaling: str) -> list[str]:
+    """Scale every learning rate of `algo` with its batch size against the default one:
+    lr * (B / B_default) ** p, with p = 0 (none), 1/2 (sqrt) or 1 (linear)."""
+    power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[scaling]
+    default_batch = compose_config([f"algo={algo}"]).batch_size
+    if batch_size is None or power == 0.0 or batch_size == default_batch:
+        return []
+    factor = (batch_size / default_batch) ** power
+    config = get_algorithm(algo).Config()
+    return [f"algo.params.{key}={value * factor:.6g}" for key, value in vars(config).items() if key.endswith("lr")]
+
+
+def algo_overrides(cfg: DictConfig, algo: str) -> list[str]:
+    """The preset's settings for `algo` as train.py overrides (composed here, before any thread starts:
+    Hydra's compose is not thread-safe)."""
+    overrides = [f"algo={algo}", f"steps={cfg.steps[algo]}", f"seed={cfg.seed}", f"device={cfg.device}",
+                 f"eval_every={cfg.eval_every}", "eval_episodes=5"]
+    batch_size = cfg.batch_size.get(algo)
+    if batch_size is not None:
+        overrides.append(f"batch_size={batch_size}")
+    overrides += lr_overrides(algo, batch_size, cfg.lr_scaling)
+    return overrides + [f"algo.params.{key}={value}" for key, value in (cfg.params.get(algo) or {}).items()]
+
+
+def train_cell(dataset: Dataset, overrides: list[str], run_dir: Path, log: Path) -> dict:
+    """Train (or resume) one algorithm on one dataset; return its checkpoint's timing record."""
+    overrides = [*overrides, f"dataset={dataset.id}", f"run_dir={run_dir}"]
+    if dataset.task is not None:
+        overrides.append(f"task={dataset.task}")
+    run_logged([sys.executable, str(PIPELINES / "train.py"), *overrides], log)
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    return {"wall_seconds": state["wall_seconds"], "update_seconds": state["wall_seconds"] - state["eval_seconds"],
+            "batch_size": state["run_config"]["batch_size"]}
+
+
+def with_settings(policy: Agent, settings: dict) -> Agent:
+    """`policy` acting with other settings: solver / steps / temperature, or any field of its config."""
+    sampling = {key: settings.pop(key) for key in ("solver", "steps", "temperature") if key in settings}
+    for key, value in settings.items():
+        if not hasattr(policy.config, key):
+            raise ValueError(f"{policy.name} has no setting {key!r}")
+        setattr(policy.config, key, value)
+    return policy.set_sampling(**sampling)
+
+
+def dataset_average(dataset_id: str) -> float:
+    """The mean normalized score of the dataset's own episodes."""
+    episodes = read_episodes(dataset_id)
+    returns = np.add.reduceat(episodes.rew.astype(np.float64), episodes.starts)
+    return float(np.mean(normalized_score(dataset_id, returns)))
+
+
+def write_csv(f: TextIO, rows: list[dict]) -> None:
+    table = csv.DictWriter(f, fieldnames=list(rows[0]))
+    table.writeheader()
+    table.writerows(rows)
+
+
+def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
+    """A markdown table: one row per algorithm (and act variant), one score column per dataset, mean ± s.e."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    cell = {(r["label"], r["dataset"]): r for r in rows}
+    lines = ["| algo | updates/s | " + " | ".join(d.name for d in datasets) + " |",
+             "|---|---:|" + "---:|" * len(datasets)]
+    for label in labels:
+        scores = []
+        for d in datasets:
+            r = cell.get((label, d.name))
+            scores.append("" if r is None else f"{r['score_mean']:.1f}" + (
+                f" ± {r['score_se']:.1f}" if r["score_se"] is not None else ""))
+        speeds = [r["updates_per_second"] for r in rows if r["label"] == label and r["updates_per_second"]]
+        lines.append(f"| {label} | {np.mean(speeds) if speeds else float('nan'):.1f} | " + " | ".join(scores) + " |")
+    return "\n".join(lines).replace("| nan |", "|  |")
+
+
+def score_figure(rows: list[dict], datasets: list[Dataset]):  # -> matplotlib Figure
+    """Normalized score per dataset, a bar group per dataset (s.e. as error bars), the dataset average
+    as a black line across its group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["algo"] is not None))
+    cell = {(r["label"], r["dataset"]): r for r in rows}
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(datasets) * max(1, len(labels) / 3)), 4.5))
+    for i, label in enumerate(labels):
+        xs = [j for j, d in enumerate(datasets) if (label, d.name) in cell]
+        found = [cell[(label, datasets[j].name)] for j in xs]
+        ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], [r["score_mean"] for r in found], width, label=label,
+               yerr=[r["score_se"] or 0.0 for r in found], capsize=2)
+    for j, d in enumerate(datasets):
+        ax.hlines(cell[("dataset average", d.name)]["score_mean"], j - 0.45, j + 0.45, colors="black",
+                  label="dataset average" if j == 0 else None)
+    ax.set_xticks(range(len(datasets)), [d.name for d in datasets], rotation=20, ha="right")
+    ax.set_ylabel("normalized score (D4RL x100)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+@hydra.main(config_path="../configs", config_name="benchmark_suite", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if cfg.datasets_root is not None:
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(cfg.datasets_root).resolve())
+    algos = [str(a) for a in cfg.algos]
+    for algo in algos:
+        get_algorithm(algo)
+        if cfg.steps.get(algo) is None:
+            raise ValueError(f"the suite preset {cfg.suite_name!r} sets no budget for {algo!r} (steps.{algo})")
+    datasets = resolve_datasets(list(cfg.datasets))
+    out, logs = Path(cfg.run_dir), Path(cfg.run_dir) / "logs"
+    build_missing(datasets, cfg, out)
+    print(f"{len(datasets)} datasets x {len(algos)} algorithms under {datasets_root()}; logs in {logs}")
+
+    overrides = {algo: algo_overrides(cfg, algo) for algo in algos}
+    cells = [(d, a) for a in algos for d in datasets]  # the slow algorithms first keeps the pool busy
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        timing = dict(zip(cells, tqdm(pool.map(lambda c: train_cell(c[0], overrides[c[1]], out / c[0].name / c[1],
+                                                                    logs / f"{c[0].name}-{c[1]}.log"), cells),
+                                      total=len(cells), desc="train")))
+
+    evaluations = []  # (dataset, algo, label, act settings): each algorithm's default acting, then its variants
+    for d, algo in cells:
+        variants = cfg.act_variants.get(algo) or {}
+        evaluations += [(d, algo, algo, {})] + [(d, algo, f"{algo} ({name})", dict(s)) for name, s in variants.items()]
+
+    def evaluate_cell(cell: tuple[Dataset, str, str, dict]) -> dict:
+        d, algo, label, settings = cell
+        run = timing[(d, algo)]
+        key = {"settings": settings, "episodes": cfg.episodes, "seed": cfg.seed + 1000, "run_seconds": run["wall_seconds"]}
+        cache = out / d.name / algo / "evaluations" / f"{re.sub(r'[^A-Za-z0-9.=_-]+', '_', label)}.json"
+        cached = json.loads(cache.read_text()) if cache.is_file() else None
+        if cached is not None and cached["key"] == key:
+            result = cached["result"]
+        else:
+            policy = with_settings(load_policy(str(out / d.name / algo / "checkpoint.pt"), cfg.device), dict(settings))
+            result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
+            cache.parent.mkdir(exist_ok=True)
+            write_atomic(cache, lambda f: json.dump({"key": key, "result": result}, f))
+        return {"dataset": d.name, "dataset_id": d.id, "label": label, "algo": algo, "steps": int(cfg.steps[algo]),
+                "batch_size": run["batch_size"], "train_minutes": run["wall_seconds"] / 60,
+                "updates_per_second": cfg.steps[algo] / run["update_seconds"], "score_mean": result["score_mean"],
+                "score_se": result["score_se"], "return_mean": result["return_mean"], "episodes": cfg.episodes}
+
+    torch.set_num_threads(1)  # `jobs` evaluations share the cores, one thread each
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        evaluated = list(tqdm(pool.map(evaluate_cell, evaluations), total=len(evaluations),
+                              desc=f"evaluate x{cfg.episodes}"))
+    references = [{"dataset": d.name, "dataset_id": d.id, "label": "dataset average", "algo": None, "steps": 0,
+                   "batch_size": 0, "train_minutes": 0.0, "updates_per_second": None,
+                   "score_mean": dataset_average(d.id), "score_se": None, "return_mean": None, "episodes": None}
+                  for d in datasets]
+    rows = references + evaluated
+    table = format_table(rows, datasets)
+
+    write_atomic(out / "results.json", lambda f: json.dump(
+        {"suite": cfg.suite_name, "config": OmegaConf.to_container(cfg, resolve=True), "rows": rows}, f, indent=2))
+    write_atomic(out / "results.csv", lambda f: write_csv(f, rows))
+    fig = score_figure(rows, datasets)
+    fig.savefig(out / "scores.png", dpi=120)
+    writer = SummaryWriter(str(out / "tb"))
+    for row in evaluated:
+        writer.add_scalar(f"suite/{row['dataset']}/{row['label']}", row["score_mean"], row["steps"])
+    writer.add_text("suite/table", table)
+    writer.add_figure("suite/scores", fig)
+    writer.close()
+    print(f"\nnormalized score (D4RL x100), mean ± s.e. over {cfg.episodes} episodes; suite {cfg.suite_name}, "
+          f"device {cfg.device}\n{table}\n\nresults: {out / 'results.json'}, {out / 'scores.png'}   "
+          f"TensorBoard: tensorboard --logdir {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Time per training update of each algorithm on real batches, with the CPU fast paths on and off.
+
+The fast paths (`cleandiff_rl.utils.fast`: Mish from one sigmoid, fused Adam) change no numbers
+(tests compare them); this prints what they save. Blocks of updates alternate between the two
+settings on the same agent, and the table reports the fastest block of each, so a change in machine
+load between measurements does not bias the ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cleandiff_rl.agents import get_algorithm
+from cleandiff_rl.agents.base import make_config
+from cleandiff_rl.data import load_dataset
+from cleandiff_rl.training import compose_config, dataset_env_id, new_agent
+from cleandiff_rl.utils import fast_paths, resolve_device, seed_everything
+
+
+def time_updates(algo: str, cfg: DictConfig, device: torch.device) -> dict:
+    """ms per update (train_step + after_step) of `algo` at its configured batch size, fast paths on and off."""
+    train_cfg = compose_config([f"algo={algo}", f"dataset={cfg.dataset}"])
+    algo_cls = get_algorithm(algo)
+    params = OmegaConf.to_container(train_cfg.algo.params, resolve=True)
+    minari_dataset = load_dataset(cfg.dataset)
+    data = algo_cls.training_data(minari_dataset, make_config(algo_cls.Config, params), device=device)
+    agent = new_agent(algo_cls, params, minari_dataset, data, env_id=dataset_env_id(minari_dataset), device=device)
+    data.map_actions(agent.normalize_action)
+    batch_size = int(cfg.batch_size or train_cfg.batch_size)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    batches = [data.sample(batch_size * agent.batches_per_step, generator) for _ in range(cfg.block_updates)]
+    best = {True: float("inf"), False: float("inf")}
+    for block in range(-2, 2 * cfg.blocks):  # the first two blocks warm up (allocator, lazy optimizer state)
+        enabled = block % 2 == 0
+        with fast_paths(enabled):
+            start = time.perf_counter()
+            for batch in batches:
+                agent.train_step(batch)
+                agent.after_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if block >= 0:
+                best[enabled] = min(best[enabled], (time.perf_counter() - start) / len(batches))
+    return {"algo": algo, "batch_size": batch_size, "ms_fast": 1e3 * best[True], "ms_default": 1e3 * best[False],
+            "speedup": best[False] / best[True]}
+
+
+@hydra.main(config_path="../configs", config_name="benchmark_updates", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(int(cfg.threads))
+    seed_everything(cfg.seed)
+    rows = []
+    print(f"{'algo':<20}{'batch':>7}{'ms/update fast':>16}{'default':>10}{'speedup':>9}{'updates/s':>11}")
+    for algo in cfg.algos:
+        row = time_updates(str(algo), cfg, device)
+        rows.append(row)
+        print(f"{row['algo']:<20}{row['batch_size']:>7}{row['ms_fast']:>16.1f}{row['ms_default']:>10.1f}"
+              f"{row['speedup']:>8.2f}x{1e3 / row['ms_fast']:>11.1f}")
+    out = Path(cfg.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"dataset": cfg.dataset, "device": str(device), "rows": rows},
+                                                 indent=2))
+    print(f"\nresults: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,9 @@ from omegaconf import DictConfig
 from cleandiff_rl.data.builder import build_datasets
 from cleandiff_rl.data.registry import dataset_id, datasets_root
 from cleandiff_rl.evaluation import format_table, sweep_checkpoint
-from cleandiff_rl.training import compose_config, train
+from cleandiff_rl.training import compose_config, register_configs, train
+
+register_configs()  # the algo group's settings schemas
 
 
 @hydra.main(config_path="../configs", config_name="quickstart", version_base="1.3")
@@ -37,8 +39,8 @@ def main(cfg: DictConfig) -> None:
                                       config_name="make_dataset"))
     print(f"      {time.perf_counter() - start:.0f} s")
 
-    print(f"[2/3] training {cfg.algo} for {cfg.train_steps} updates")
-    checkpoint = train(compose_config([f"algo={cfg.algo}", f"dataset={data_id}", f"steps={cfg.train_steps}",
+    print(f"[2/3] training {cfg.algo.name} for {cfg.train_steps} updates")
+    checkpoint = train(compose_config([f"algo={cfg.algo.name}", f"dataset={data_id}", f"steps={cfg.train_steps}",
                                        f"batch_size={cfg.batch_size}", "eval_every=0", f"seed={cfg.seed}",
                                        f"device={cfg.device}", f"checkpoint_every={cfg.train_steps}",
                                        f"run_dir={out / 'train'}",

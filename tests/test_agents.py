@@ -373,3 +373,28 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown dataset 'hopper-mediun': neither a task" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch():
+    """Every preset gives each algorithm a budget; the GPU preset reaches the papers' order of updates;
+    a batch size other than an algorithm's default scales each of its learning rates by (B / B0)^p."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    try:
+        from benchmark_suite import lr_overrides, resolve_datasets
+    finally:
+        sys.path.pop(0)
+    for preset in ("cpu", "gpu", "smoke"):
+        cfg = compose_config([f"suite={preset}"], config_name="benchmark_suite")
+        assert cfg.suite_name == preset and all(cfg.steps[a] > 0 for a in ALGORITHMS)
+        assert len({cfg.steps[a] for a in ("bc", "diffusion_bc", "dql", "idql")}) == 1  # the same for all
+    gpu = compose_config(["suite=gpu"], config_name="benchmark_suite")
+    assert gpu.device == "cuda" and gpu.steps.dql >= 500_000 and gpu.jobs > 2 and gpu.lr_scaling == "sqrt"
+    assert lr_overrides("dql", 1024, "sqrt") == ["algo.params.lr=0.0006", "algo.params.critic_lr=0.0006"]
+    assert lr_overrides("idql", 256, "linear") == ["algo.params.lr=0.00015", "algo.params.critic_lr=0.00015"]
+    assert lr_overrides("idql", 512, "sqrt") == lr_overrides("dql", 1024, "none") == []
+    datasets = resolve_datasets(["hopper-medium-replay", "cleandiff/walker2d/medium-v0", "mujoco/ant/expert-v0"])
+    assert [(d.name, d.id, d.task) for d in datasets] == [
+        ("hopper-medium-replay", "cleandiff/hopper/medium-replay-v0", "hopper-medium-replay"),
+        ("cleandiff_walker2d_medium-v0", "cleandiff/walker2d/medium-v0", "walker2d-medium"),
+        ("mujoco_ant_expert-v0", "mujoco/ant/expert-v0", None)]
+    with pytest.raises(ValueError, match="twice"):
+        resolve_datasets(["hopper-medium", "cleandiff/hopper/medium-v0"])

@@ -14,6 +14,7 @@ from cleandiff_rl.diffusion.schedules import (
     make_schedule,
 )
 from cleandiff_rl.diffusion.solvers import (
+    CROSS_SOLVERS,
     DDIM,
     DDPM,
     PNDM,
@@ -31,7 +32,7 @@ from cleandiff_rl.diffusion.solvers import (
 )
 
 __all__ = [
-    "DDIM", "DDPM", "PNDM", "PREDICTIONS", "SCHEDULES", "SOLVERS", "SOLVER_CLASSES", "STEP_SCHEDULES",
+    "CROSS_SOLVERS", "DDIM", "DDPM", "PNDM", "PREDICTIONS", "SCHEDULES", "SOLVERS", "SOLVER_CLASSES", "STEP_SCHEDULES",
     "TIME_KINDS", "TIME_WEIGHTINGS", "VE", "DiffusionModel", "DiscreteSchedule", "EulerMaruyama", "Heun",
     "Level", "LinearStep", "NoiseSchedule", "PredictorCorrector", "Solver", "VPCosine", "VPLinear",
     "discrete_vp_cosine", "discrete_vp_linear", "get_solver", "make_schedule", "time_grid",

@@ -265,7 +265,8 @@ class DiffusionModel(nn.Module):
 
         prior: `(n, *x_shape)`; where `fix_mask` is 1 its values are kept exactly (inpainting).
         solver: a name from `SOLVERS` or a configured `Solver` (e.g. `DDIM(eta=0.5)`).
-        x_T: explicit initial noise; else `sigma(t_max) * temperature * N(0, I)`.
+        x_T: explicit initial noise at the grid's first level `log["t"][0]` (the schedule's
+            `t_start`); else `sigma there * temperature * N(0, I)`.
         condition_cfg / w_cfg: the condition and the classifier-free guidance weight in
             eps = eps_uncond + w (eps_cond - eps_uncond): 0 = unconditional, 1 = conditional only
             (one pass; the default), > 1 = guided, the two passes batched into one call of 2n rows.

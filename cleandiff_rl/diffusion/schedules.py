@@ -5,7 +5,9 @@ Every schedule answers `alpha(t)`, `sigma(t)`, `log_snr(t)` (lambda = log(alpha 
 
 * discrete time: integer step indices 0..T-1 (a long tensor). Index -1 is the clean data
   (alpha = 1, sigma = 0); samplers end there. The inverse of log_snr returns a fractional index.
-* continuous time: floats in [t_min, t_max] for training; samplers end at `t_clean` = 0.
+  Samplers start at `t_start`: T - 1, except on the cosine table (see `discrete_vp_cosine`).
+* continuous time: floats in [t_min, t_max] for training; samplers start at t_max and end at
+  `t_clean` = 0.
 
 VP schedules keep alpha^2 + sigma^2 = 1; VE keeps alpha = 1 and grows sigma geometrically.
 """
@@ -26,8 +28,13 @@ class NoiseSchedule:
 
     kind: str  # "discrete" or "continuous"
     t_min: float  # smallest training / network time
-    t_max: float  # largest network time; samplers start here
+    t_max: float  # largest network time
     t_clean: float  # where samplers end (sigma = 0 for VP)
+
+    @property
+    def t_start(self) -> float:
+        """Where a sampling grid starts (its first network call): t_max unless the schedule says otherwise."""
+        return self.t_max
 
     def log_alpha(self, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -67,12 +74,14 @@ def _log_alpha_vp_from_log_snr(lam: Tensor) -> Tensor:
 class DiscreteSchedule(NoiseSchedule):
     """T-step VP schedule given by its cumulative products alpha_bar[0..T-1].
 
-    Index -1 (prepended to the table) is the clean data: alpha = 1, sigma = 0.
+    Index -1 (prepended to the table) is the clean data: alpha = 1, sigma = 0. Training uses every
+    index; sampling grids start at `t_start`, the last index with log-SNR >= `log_snr_min`
+    (T - 1 when the whole table is above it, as with the default -inf).
     """
 
     kind = "discrete"
 
-    def __init__(self, alphas_cumprod: Tensor, name: str):
+    def __init__(self, alphas_cumprod: Tensor, name: str, log_snr_min: float = -math.inf):
         abar = alphas_cumprod.to(torch.float64)
         if abar.ndim != 1 or not bool(((abar > 0) & (abar < 1)).all()) or not bool((abar[1:] < abar[:-1]).all()):
             raise ValueError("alphas_cumprod must be a strictly decreasing 1-D table in (0, 1)")
@@ -83,6 +92,13 @@ class DiscreteSchedule(NoiseSchedule):
         self._log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), log_alpha])
         self._log_sigma = torch.cat([torch.full((1,), -math.inf, dtype=torch.float64), _log_sigma_vp(log_alpha)])
         self._on_device: dict[tuple, Tensor] = {}
+        self.log_snr_min = log_snr_min
+        above = int((log_alpha - self._log_sigma[1:] >= log_snr_min).sum())  # log-SNR decreases with the index
+        self._t_start = max(above - 1, 0)
+
+    @property
+    def t_start(self) -> int:
+        return self._t_start
 
     @property
     def alphas_cumprod(self) -> Tensor:
@@ -213,12 +229,24 @@ def discrete_vp_linear(T: int, beta_min: float = 0.1, beta_max: float = 20.0) ->
     return DiscreteSchedule(torch.cumsum(log_one_minus_beta, 0).exp(), "linear")
 
 
-def discrete_vp_cosine(T: int, s: float = 0.008, max_beta: float = 0.999) -> DiscreteSchedule:
-    """Nichol & Dhariwal's cosine schedule on T steps, betas clipped at 0.999 (as Diffuser)."""
+def discrete_vp_cosine(T: int, s: float = 0.008, max_beta: float = 0.999, t_end: float = 0.9946) -> DiscreteSchedule:
+    """Nichol & Dhariwal's cosine schedule on T steps, betas clipped at 0.999 (as Diffuser).
+
+    alpha_bar(u) = f(u) / f(0), f(u) = cos^2(pi/2 (u + s) / (1 + s)), at u = (i + 1) / T. f(1) = 0, so
+    the last beta is clipped and index T - 1 sits at alpha of about 0.05 / T (log-SNR -9.9 at
+    T = 1000, -6.0 at T = 20), 3.5 in log-SNR beyond index T - 2: every step out of it is at least
+    that long, whatever the step count, and the eps-form SDE solvers and the classic samplers, whose
+    step error grows like e^h, blow up there. Sampling therefore starts at the last index whose
+    log-SNR is at least that of the cosine at u = `t_end` (DPM-Solver's truncation of the cosine
+    schedule, which `VPCosine` also uses: log-SNR -4.78): index 993 at T = 1000, 18 at T = 20.
+    Training still uses every index.
+    """
     u = torch.arange(T + 1, dtype=torch.float64) / T
     f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
-    return DiscreteSchedule(torch.cumprod(1 - betas, 0), "cosine")
+    abar_end = math.cos(0.5 * math.pi * (t_end + s) / (1 + s)) ** 2 / f[0].item()
+    log_snr_min = 0.5 * math.log(abar_end / (1 - abar_end))
+    return DiscreteSchedule(torch.cumprod(1 - betas, 0), "cosine", log_snr_min)
 
 
 def make_schedule(time: str = "discrete", schedule: str = "cosine", diffusion_steps: int = 1000, **kwargs) -> NoiseSchedule:

@@ -50,11 +50,15 @@ def level_at(schedule: NoiseSchedule, t: float) -> Level:
 
 
 def time_grid(schedule: NoiseSchedule, steps: int, step_schedule: str = "uniform") -> list[float]:
-    """`steps + 1` times from t_max (first network call) to t_clean (the sampler's target).
+    """`steps + 1` times from the schedule's `t_start` (first network call) to t_clean (the target).
 
     uniform: equal steps in t ("trailing" spacing); quad: t - t_clean grows quadratically, so
     steps are finer near the data (DDIM's quadratic); logsnr: equal steps in lambda from
-    lambda(t_max) to lambda(t_min), then the last point moves to t_clean.
+    lambda(t_start) to lambda(t_min), then the last point moves to t_clean.
+
+    A discrete grid starts at the schedule's `t_start` (below the near-pure-noise tail of the
+    discrete cosine table, see `discrete_vp_cosine`), or higher when more steps are asked for than
+    indices remain below it: each step needs its own index, and up to T steps stay possible.
     """
     if step_schedule not in STEP_SCHEDULES:
         raise ValueError(f"unknown step_schedule {step_schedule!r}; valid: {', '.join(STEP_SCHEDULES)}")
@@ -63,25 +67,26 @@ def time_grid(schedule: NoiseSchedule, steps: int, step_schedule: str = "uniform
     discrete = schedule.kind == "discrete"
     if discrete and steps > schedule.T:
         raise ValueError(f"a discrete schedule with T={schedule.T} supports at most {schedule.T} steps, got {steps}")
-    hi, lo = float(schedule.t_max), float(schedule.t_clean)
+    start = max(schedule.t_start, steps - 1) if discrete else schedule.t_start
+    hi, lo = float(start), float(schedule.t_clean)
     u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     if step_schedule == "uniform":
         t = hi + (lo - hi) * u
     elif step_schedule == "quad":
         t = lo + (hi - lo) * (1 - u) ** 2
     else:
-        lam_hi, lam_lo = level_at(schedule, schedule.t_max).log_snr, level_at(schedule, schedule.t_min).log_snr
+        lam_hi, lam_lo = level_at(schedule, start).log_snr, level_at(schedule, schedule.t_min).log_snr
         t = schedule.t_from_log_snr(lam_hi + (lam_lo - lam_hi) * u)
         t[0], t[-1] = hi, lo
     if not discrete:
         return t.tolist()
-    return _distinct_indices(t, schedule.T)
+    return _distinct_indices(t, start)
 
 
-def _distinct_indices(t: Tensor, T: int) -> list[int]:
-    """Round to step indices from T-1 down to -1, nudged so that no index repeats."""
+def _distinct_indices(t: Tensor, start: int) -> list[int]:
+    """Round to step indices from `start` down to -1, nudged so that no index repeats."""
     idx = t.round().long().tolist()
-    idx[0], idx[-1] = T - 1, -1
+    idx[0], idx[-1] = start, -1
     for i in range(1, len(idx) - 1):  # strictly decreasing from the top...
         idx[i] = min(idx[i], idx[i - 1] - 1)
     for i in range(len(idx) - 2, 0, -1):  # ...and room left below for the rest
@@ -129,6 +134,7 @@ class Solver:
     param: ClassVar[str]  # "eps" or "x0"
     stochastic: ClassVar[bool] = False
     history: ClassVar[int] = 1  # how many past model outputs a step reads
+    cross_solver: ClassVar[bool] = False  # one of the ten of the cross-solver formulation (CROSS_SOLVERS)
 
     def plan(self, schedule: NoiseSchedule, levels: list[Level], native: str | None = None) -> list:
         """Per-step coefficients for this grid; computed once and cached by the model.
@@ -176,6 +182,7 @@ class DDIM(Solver):
 
     name: ClassVar[str] = "ddim"
     param: ClassVar[str] = "x0"
+    cross_solver: ClassVar[bool] = True
     eta: float = 0.0
 
     def __post_init__(self):
@@ -215,11 +222,21 @@ def _multistep(first_order: LinearStep, levels: list[Level], i: int) -> LinearSt
     return LinearStep(first_order.a, (b0 * (1 + k), -b0 * k), first_order.noise)
 
 
+class _Multistep2M:
+    """Mixin making a first-order DPM-Solver rule (the next base in the MRO) its 2M multistep version."""
+
+    history: ClassVar[int] = 2
+
+    def coefficients(self, schedule, levels, i):
+        return _multistep(super().coefficients(schedule, levels, i), levels, i)  # type: ignore[misc]
+
+
 @dataclass(frozen=True)
 class ODEDPMSolver1(Solver):
     """x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps_s   (DPM-Solver-1)."""
 
     name: ClassVar[str] = "ode_dpmsolver_1"
+    cross_solver: ClassVar[bool] = True
     param: ClassVar[str] = "eps"
 
     def coefficients(self, schedule, levels, i):
@@ -229,12 +246,8 @@ class ODEDPMSolver1(Solver):
 
 
 @dataclass(frozen=True)
-class ODEDPMSolver2M(ODEDPMSolver1):
+class ODEDPMSolver2M(_Multistep2M, ODEDPMSolver1):
     name: ClassVar[str] = "ode_dpmsolver_2M"
-    history: ClassVar[int] = 2
-
-    def coefficients(self, schedule, levels, i):
-        return _multistep(super().coefficients(schedule, levels, i), levels, i)
 
 
 @dataclass(frozen=True)
@@ -242,6 +255,7 @@ class SDEDPMSolver1(Solver):
     """x_t = (alpha_t / alpha_s) x_s - 2 sigma_t (e^h - 1) eps_s + sigma_t sqrt(e^{2h} - 1) z."""
 
     name: ClassVar[str] = "sde_dpmsolver_1"
+    cross_solver: ClassVar[bool] = True
     param: ClassVar[str] = "eps"
     stochastic: ClassVar[bool] = True
 
@@ -252,12 +266,8 @@ class SDEDPMSolver1(Solver):
 
 
 @dataclass(frozen=True)
-class SDEDPMSolver2M(SDEDPMSolver1):
+class SDEDPMSolver2M(_Multistep2M, SDEDPMSolver1):
     name: ClassVar[str] = "sde_dpmsolver_2M"
-    history: ClassVar[int] = 2
-
-    def coefficients(self, schedule, levels, i):
-        return _multistep(super().coefficients(schedule, levels, i), levels, i)
 
 
 @dataclass(frozen=True)
@@ -265,6 +275,7 @@ class ODEDPMSolverPP1(Solver):
     """x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) x0_s   (DPM-Solver++1 = DDIM)."""
 
     name: ClassVar[str] = "ode_dpmsolver++_1"
+    cross_solver: ClassVar[bool] = True
     param: ClassVar[str] = "x0"
 
     def coefficients(self, schedule, levels, i):
@@ -273,12 +284,8 @@ class ODEDPMSolverPP1(Solver):
 
 
 @dataclass(frozen=True)
-class ODEDPMSolverPP2M(ODEDPMSolverPP1):
+class ODEDPMSolverPP2M(_Multistep2M, ODEDPMSolverPP1):
     name: ClassVar[str] = "ode_dpmsolver++_2M"
-    history: ClassVar[int] = 2
-
-    def coefficients(self, schedule, levels, i):
-        return _multistep(super().coefficients(schedule, levels, i), levels, i)
 
 
 @dataclass(frozen=True)
@@ -286,6 +293,7 @@ class SDEDPMSolverPP1(Solver):
     """x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) x0_s + sigma_t sqrt(1 - e^{-2h}) z."""
 
     name: ClassVar[str] = "sde_dpmsolver++_1"
+    cross_solver: ClassVar[bool] = True
     param: ClassVar[str] = "x0"
     stochastic: ClassVar[bool] = True
 
@@ -296,12 +304,8 @@ class SDEDPMSolverPP1(Solver):
 
 
 @dataclass(frozen=True)
-class SDEDPMSolverPP2M(SDEDPMSolverPP1):
+class SDEDPMSolverPP2M(_Multistep2M, SDEDPMSolverPP1):
     name: ClassVar[str] = "sde_dpmsolver++_2M"
-    history: ClassVar[int] = 2
-
-    def coefficients(self, schedule, levels, i):
-        return _multistep(super().coefficients(schedule, levels, i), levels, i)
 
 
 # ---- Classic samplers (Song et al. 2021; Karras et al. 2022; Liu et al. 2022) ------------------
@@ -429,6 +433,8 @@ SOLVER_CLASSES: dict[str, type[Solver]] = {
 }
 SOLVERS: tuple[str, ...] = tuple(SOLVER_CLASSES)
 """Valid solver names: the ten of the cross-solver formulation, then the classic ones."""
+CROSS_SOLVERS: tuple[str, ...] = tuple(name for name, cls in SOLVER_CLASSES.items() if cls.cross_solver)
+"""The ten of the cross-solver formulation: DDPM, DDIM and the eight DPM-Solver(++) variants."""
 
 
 def get_solver(solver: str | Solver) -> Solver:

@@ -28,12 +28,11 @@ from cleandiff_rl.agents import load_policy
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data.registry import reference_scores
-from cleandiff_rl.diffusion.solvers import SOLVERS, get_solver
+from cleandiff_rl.diffusion.solvers import CROSS_SOLVERS, get_solver
 
 if TYPE_CHECKING:  # matplotlib loads only for planner figures: it costs every pipeline ~1 s at startup
     from matplotlib.figure import Figure
 
-CROSS_SOLVERS: tuple[str, ...] = SOLVERS[:10]
 COLUMNS = ("solver", "steps", "nfe", "guidance_calls", "cfg_batched", "score_mean", "score_se", "return_mean",
            "return_se", "length_mean", "time_per_action_ms", "error")
 

@@ -379,13 +379,16 @@ def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch(
     a batch size other than an algorithm's default scales each of its learning rates by (B / B0)^p."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
     try:
-        from benchmark_suite import lr_overrides, resolve_datasets
+        from benchmark_suite import algo_overrides, lr_overrides, resolve_datasets
     finally:
         sys.path.pop(0)
     for preset in ("cpu", "gpu", "smoke"):
         cfg = compose_config([f"suite={preset}"], config_name="benchmark_suite")
         assert cfg.suite_name == preset and all(cfg.steps[a] > 0 for a in ALGORITHMS)
         assert len({cfg.steps[a] for a in ("bc", "diffusion_bc", "dql", "idql")}) == 1  # the same for all
+        for algo in ALGORITHMS:  # what the suite passes to train.py composes there, typed by the algo's schema
+            train_cfg = compose_config([*algo_overrides(cfg, algo), "task=walker2d-medium-replay"])
+            assert train_cfg.steps == cfg.steps[algo] and train_cfg.algo.name == algo
     gpu = compose_config(["suite=gpu"], config_name="benchmark_suite")
     assert gpu.device == "cuda" and gpu.steps.dql >= 500_000 and gpu.jobs > 2 and gpu.lr_scaling == "sqrt"
     assert lr_overrides("dql", 1024, "sqrt") == ["algo.params.lr=0.0006", "algo.params.critic_lr=0.0006"]

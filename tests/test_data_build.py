@@ -50,6 +50,10 @@ def test_tiny_build_round_trips(tiny_build):
     tmp, summary = tiny_build
     assert sorted(minari.list_local_datasets()) == sorted(IDS)
     assert summary["medium_step"] == 100  # the tiny preset's target: the first checkpoint
+    evals = load_checkpoint(tmp / "run" / "checkpoints" / "sac_last.pt")["record"]["evals"]
+    best = max(r for _, r in evals)
+    assert summary["expert_eval_return"] == best >= summary["medium_eval_return"]  # expert: the best checkpoint
+    assert summary["expert_step"] == max(step for step, r in evals if r == best)
     ref_min, ref_max = TASKS["hopper"].ref_min_score, TASKS["hopper"].ref_max_score
     data = {i: load_dataset(i) for i in IDS}
     for ds_id, ds in data.items():

@@ -6,7 +6,8 @@ stochastic policy
   medium         the first checkpoint whose deterministic evaluation return reaches the target
                  (default one third of the expert reference score),
   medium-replay  SAC's replay buffer up to that checkpoint,
-  expert         the final policy,
+  expert         the best checkpoint by deterministic evaluation (the last of equals; the final
+                 policy while SAC still improves), so `expert` never scores below `medium`,
   medium-expert  medium and expert concatenated.
 All levels are staged in a hidden folder of the Minari root and moved into place together once
 every one is complete, so a failed or interrupted build publishes nothing.
@@ -187,7 +188,7 @@ def build_datasets(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
             f"{medium_step}); using that best checkpoint as `medium`. Train longer or lower medium_target.",
             stacklevel=2,
         )
-    expert_step, expert_eval = evals[-1]
+    expert_step, expert_eval = max(reversed(evals), key=lambda e: e[1])  # the best; the latest of equals
     policies = {"random": 0, "medium": medium_step, "expert": expert_step}
 
     def policy(level: str) -> torch.nn.Module:
@@ -209,7 +210,7 @@ def build_datasets(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
         "medium": f"the SAC policy at step {medium_step} (deterministic eval return {medium_eval:.1f}, "
         f"target {target:.1f})",
         "medium-replay": f"SAC's replay buffer for its first {medium_step} steps (up to the medium policy)",
-        "expert": f"the final SAC policy at step {expert_step} (deterministic eval return {expert_eval:.1f})",
+        "expert": f"the best SAC checkpoint, step {expert_step} (deterministic eval return {expert_eval:.1f})",
         "medium-expert": "the medium and expert datasets concatenated",
     }
     summary: dict[str, Any] = {

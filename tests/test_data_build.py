@@ -262,3 +262,12 @@ def test_torch_datasets_on_built_data(tiny_build):
     seq = SequenceDataset("cleandiff/hopper/medium-expert-v0", horizon=8, device="cpu")
     batch = seq.sample(5)
     assert batch["obs"].shape == (5, 8, 11) and batch["act"].shape == (5, 8, 3) and batch["values"].shape == (5,)
+
+
+def test_a_build_without_expert_levels_stops_sac_at_medium(tmp_path, monkeypatch):
+    """SAC ends at the first checkpoint that reaches the medium target when no level needs the expert."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    summary = build_datasets(tiny_cfg(tmp_path / "run", "levels=[medium,medium-replay]"))
+    record = load_checkpoint(tmp_path / "run" / "checkpoints" / "sac_last.pt")
+    assert record["step"] == summary["medium_step"] == 100 and [s for s, _ in record["record"]["evals"]] == [100]
+    assert summary["datasets"]["cleandiff/hopper/medium-replay-v0"]["steps"] == 100

@@ -4,7 +4,8 @@ The recipe (D4RL, Fu et al. 2020): train one SAC behavior policy, then collect w
 stochastic policy
   random         the randomly initialized policy (SAC step 0),
   medium         the first checkpoint whose deterministic evaluation return reaches the target
-                 (default one third of the expert reference score),
+                 (default one third of the expert reference score; SAC stops there when no
+                 level needs the expert),
   medium-replay  SAC's replay buffer up to that checkpoint,
   expert         the best checkpoint by deterministic evaluation (the last of equals; the final
                  policy while SAC still improves), so `expert` never scores below `medium`,
@@ -173,10 +174,12 @@ def build_datasets(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     run_dir = Path(cfg.run_dir)
     sac_cfg = SACConfig(**OmegaConf.to_container(cfg.sac, resolve=True))
-    record = train_sac(task.env_id, sac_cfg, run_dir, int(cfg.seed), device)
+    target = task.ref_max_score / 3.0 if cfg.medium_target is None else float(cfg.medium_target)
+    needs_expert = bool({"expert", "medium-expert"} & set(cfg.levels))
+    record = train_sac(task.env_id, sac_cfg, run_dir, int(cfg.seed), device,
+                       stop_return=None if needs_expert else target)  # no expert wanted: stop at medium
     sac_time = time.perf_counter() - t0
 
-    target = task.ref_max_score / 3.0 if cfg.medium_target is None else float(cfg.medium_target)
     evals = record["evals"]
     reached = [(s, r) for s, r in evals if r >= target]
     if reached:

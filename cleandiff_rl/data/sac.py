@@ -175,8 +175,12 @@ def _result(record: dict, snap_dir: Path, rb: ReplayBuffer) -> dict:
     return {**record, "snapshots": snapshots, "replay": rb.state_dict()}
 
 
-def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, device: torch.device) -> dict:
+def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, device: torch.device,
+              stop_return: float | None = None) -> dict:
     """Train (or resume) SAC on `env_id`; return the run record.
+
+    stop_return: end at the first checkpoint whose deterministic return reaches it (a build that
+    needs no expert stops at its medium policy); a later call without it continues the run.
 
     The record holds `evals` (list of (step, deterministic return)), `snapshots` (step -> actor
     snapshot path) and `replay` (the replay buffer state). A finished run returns at once.
@@ -263,10 +267,13 @@ def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, devic
         qf1_t.load_state_dict(qf1.state_dict())
         qf2_t.load_state_dict(qf2.state_dict())
 
+    def reached() -> bool:
+        return stop_return is not None and any(ret >= stop_return for _, ret in record["evals"])
+
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=step)
     if step == 0:
         checkpoint(0)  # the randomly initialized policy: D4RL's `random` level
-    if step >= cfg.total_steps:
+    if step >= cfg.total_steps or reached():
         writer.close()
         return _result(record, snap_dir, rb)
 
@@ -334,6 +341,8 @@ def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, devic
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
             checkpoint(step)
             bar.set_postfix(eval=f"{record['evals'][-1][1]:.0f}")
+            if reached():
+                break
     bar.close()
     writer.close()
     env.close()

@@ -23,7 +23,7 @@ from cleandiff_rl.data import (
     normalized_score,
 )
 from cleandiff_rl.data import sac as sac_module
-from cleandiff_rl.data.builder import build_datasets
+from cleandiff_rl.data.builder import build_datasets, medium_checkpoint
 from cleandiff_rl.utils import load_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -271,3 +271,12 @@ def test_a_build_without_expert_levels_stops_sac_at_medium(tmp_path, monkeypatch
     record = load_checkpoint(tmp_path / "run" / "checkpoints" / "sac_last.pt")
     assert record["step"] == summary["medium_step"] == 100 and [s for s, _ in record["record"]["evals"]] == [100]
     assert summary["datasets"]["cleandiff/hopper/medium-replay-v0"]["steps"] == 100
+
+
+def test_medium_is_the_checkpoint_closest_to_the_target_around_where_sac_first_reaches_it():
+    jump = [(10_000, 231.0), (70_000, 1058.9), (80_000, 1060.1), (90_000, 2680.4), (100_000, 1075.0)]
+    assert medium_checkpoint(jump, 1078.1) == (80_000, 1060.1)  # not 90k's 2680, nor the later 100k
+    assert medium_checkpoint([(10, 900.0), (20, 1100.0)], 1078.1) == (20, 1100.0)
+    assert medium_checkpoint([(100, 5.0), (200, 3.0)], -1e9) == (100, 5.0)  # the tiny preset: the first
+    with pytest.warns(UserWarning, match="no SAC checkpoint reached the medium target"):
+        assert medium_checkpoint([(10, 300.0), (20, 500.0), (30, 400.0)], 1078.1) == (20, 500.0)

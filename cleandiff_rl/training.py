@@ -35,9 +35,16 @@ from cleandiff_rl.utils import CudaGraphStep, finite_floats, load_checkpoint, re
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+def run_name(dataset: str, task_name: str, task_dataset: str) -> str:
+    """A run folder's name: the task's, or the dataset id's (with '/' -> '_') when `dataset=` names another."""
+    return task_name if dataset == task_dataset else dataset.replace("/", "_")
+
+
 def register_configs() -> None:
     """Store each algorithm's `Config` dataclass as the Hydra schema `algo_params/<name>`, so every
-    setting can be overridden on the command line (`algo.params.lr=1e-4`) with its type checked."""
+    setting can be overridden on the command line (`algo.params.lr=1e-4`) with its type checked; and
+    the `run_name` resolver configs/train.yaml names its run folder with."""
+    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
     store = ConfigStore.instance()
     for name, cls in ALGORITHMS.items():
         store.store(group="algo_params", name=name, node=cls.Config)

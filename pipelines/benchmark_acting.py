@@ -19,9 +19,11 @@ from omegaconf import DictConfig
 from cleandiff_rl.agents import load_policy
 from cleandiff_rl.evaluation import CROSS_SOLVERS, network_calls
 from cleandiff_rl.utils import mean_call_seconds
+from cleandiff_rl.utils.cli import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark_acting")
+@user_errors
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.checkpoint, cfg.device)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from cleandiff_rl.diffusion import SOLVERS, DiffusionModel
 from cleandiff_rl.nn import DQLMlp, JannerUNet1d
 from cleandiff_rl.utils import mean_call_seconds, seed_everything
+from cleandiff_rl.utils.cli import user_errors
 
 
 def time_sampling(name: str, model: DiffusionModel, prior: torch.Tensor, condition: torch.Tensor | None,
@@ -72,6 +73,7 @@ def print_table(rows: list[dict], key: str, fmt: str, title: str) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark_sampling")
+@user_errors
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     seed_everything(cfg.seed)

@@ -40,6 +40,7 @@ from cleandiff_rl.data.registry import build_command, datasets_root, parse_id, t
 from cleandiff_rl.evaluation import evaluate, write_atomic
 from cleandiff_rl.training import CONFIG_DIR, compose_config
 from cleandiff_rl.utils import load_checkpoint
+from cleandiff_rl.utils.cli import user_errors
 
 PIPELINES = Path(__file__).resolve().parent
 
@@ -205,6 +206,7 @@ def score_figure(rows: list[dict], datasets: list[Dataset]):  # -> matplotlib Fi
 
 
 @hydra.main(config_path="../configs", config_name="benchmark_suite", version_base="1.3")
+@user_errors
 def main(cfg: DictConfig) -> None:
     if cfg.datasets_root is not None:
         os.environ["MINARI_DATASETS_PATH"] = str(Path(cfg.datasets_root).resolve())

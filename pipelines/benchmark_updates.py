@@ -21,6 +21,7 @@ from cleandiff_rl.agents.base import make_config
 from cleandiff_rl.data import load_dataset
 from cleandiff_rl.training import compose_config, dataset_env_id, new_agent
 from cleandiff_rl.utils import fast_paths, resolve_device, seed_everything
+from cleandiff_rl.utils.cli import user_errors
 
 
 def time_updates(algo: str, cfg: DictConfig, device: torch.device) -> dict:
@@ -52,6 +53,7 @@ def time_updates(algo: str, cfg: DictConfig, device: torch.device) -> dict:
 
 
 @hydra.main(config_path="../configs", config_name="benchmark_updates", version_base="1.3")
+@user_errors
 def main(cfg: DictConfig) -> None:
     device = resolve_device(cfg.device)
     torch.set_num_threads(int(cfg.threads))

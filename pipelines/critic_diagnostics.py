@@ -22,6 +22,7 @@ from cleandiff_rl.agents import load_policy
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import sample_candidates
 from cleandiff_rl.data import discounted_returns, read_episodes
+from cleandiff_rl.utils.cli import user_errors
 
 
 def candidate_q(policy: Agent, obs: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +73,7 @@ def rollout_returns(policy: Agent, follow: Agent, cfg: DictConfig) -> tuple[np.n
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="critic_diagnostics")
+@user_errors
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.checkpoint, cfg.device)

@@ -15,11 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from cleandiff_rl.agents import load_policy
 from cleandiff_rl.evaluation import evaluate
+from cleandiff_rl.utils.cli import user_errors
 
 OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).resolve().parent.name, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+@user_errors
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

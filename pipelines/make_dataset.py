@@ -12,9 +12,11 @@ import hydra
 from omegaconf import DictConfig
 
 from cleandiff_rl.data.builder import build_datasets
+from cleandiff_rl.utils.cli import user_errors
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="make_dataset")
+@user_errors
 def main(cfg: DictConfig) -> None:
     print(json.dumps(build_datasets(cfg), indent=2))
 

@@ -18,11 +18,13 @@ from cleandiff_rl.data.builder import build_datasets
 from cleandiff_rl.data.registry import dataset_id, datasets_root
 from cleandiff_rl.evaluation import format_table, sweep_checkpoint
 from cleandiff_rl.training import compose_config, register_configs, train
+from cleandiff_rl.utils.cli import user_errors
 
 register_configs()  # the algo group's settings schemas
 
 
 @hydra.main(config_path="../configs", config_name="quickstart", version_base="1.3")
+@user_errors
 def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
     out = Path(cfg.run_dir)

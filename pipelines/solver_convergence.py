@@ -19,9 +19,11 @@ from tqdm import tqdm
 
 from cleandiff_rl.diffusion import SOLVERS, get_solver
 from cleandiff_rl.diffusion.analytic import exact_model, fit_order, ode_error
+from cleandiff_rl.utils.cli import user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="solver_convergence")
+@user_errors
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     writer = SummaryWriter(str(out_dir / "tb"))

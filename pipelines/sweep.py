@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cleandiff_rl.evaluation import format_table, sweep_checkpoint
+from cleandiff_rl.utils.cli import user_errors
 
 OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).resolve().parent.name, replace=True)
 
@@ -25,6 +26,7 @@ def run_sweep(cfg: DictConfig) -> list[dict]:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sweep")
+@user_errors
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

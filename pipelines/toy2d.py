@@ -26,6 +26,7 @@ from tqdm import trange  # noqa: E402
 from cleandiff_rl.diffusion import SOLVERS, DiffusionModel  # noqa: E402
 from cleandiff_rl.nn import DQLMlp  # noqa: E402
 from cleandiff_rl.utils import seed_everything  # noqa: E402
+from cleandiff_rl.utils.cli import user_errors
 
 
 def mixture(n: int, modes: int, radius: float, std: float, generator: torch.Generator) -> torch.Tensor:
@@ -104,6 +105,7 @@ def print_table(rows: list[dict], steps_list: list[int]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="toy2d")
+@user_errors
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     rows = run(cfg, out_dir)

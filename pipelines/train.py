@@ -9,11 +9,13 @@ import hydra
 from omegaconf import DictConfig
 
 from cleandiff_rl.training import register_configs, train
+from cleandiff_rl.utils.cli import user_errors
 
 register_configs()
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@user_errors
 def main(cfg: DictConfig) -> None:
     path = train(cfg)
     print(f"checkpoint: {path}\nTensorBoard: tensorboard --logdir {path.parent / 'tb'}")

@@ -28,8 +28,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by `atomic_save`, with one clear error when it is missing."""
+    """Load a checkpoint written by `atomic_save`; a missing or unreadable file is one clear error naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # truncated zip, not a torch file, ...
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or not written by torch.save): "
+                         f"{error}") from error

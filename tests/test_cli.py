@@ -1,0 +1,49 @@
+"""A user's mistake on a pipeline is one short error, exit code 2, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from offline_data import random_dataset
+
+from cleandiff_rl.training import compose_config
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def run(tmp_path: Path, script: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(PIPELINES / f"{script}.py"), *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("script,overrides,message", [
+    ("evaluate", [], "error: Missing mandatory value: checkpoint"),
+    ("evaluate", ["checkpoint=missing.pt"], "error: checkpoint not found: missing.pt"),
+    ("evaluate", ["checkpoint=bad.pt"], "error: bad.pt is not a readable checkpoint (truncated"),
+    ("train", ["algo=idql", "dataset=nope/hopper/medium-v0"], "error: Dataset 'nope/hopper/medium-v0' is not in"),
+    ("train", ["algo=idql", "dataset=test/hopper/random-v0", "algo.params.selection=best"],
+     "error: unknown selection 'best'"),
+    ("sweep", ["checkpoint=missing.pt"], "error: checkpoint not found: missing.pt"),
+])
+def test_user_errors_are_one_message_and_write_nothing(tmp_path, monkeypatch, script, overrides, message):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    random_dataset("test/hopper/random-v0", n_steps=200)
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 not really a zip")  # a truncated checkpoint
+    before = sorted(tmp_path.rglob("*"))
+    done = run(tmp_path, script, *overrides)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(message) and "Traceback" not in done.stderr, done.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # no runs/, no Hydra folders or logs, nothing in the Minari root
+
+
+def test_a_train_run_is_named_after_its_dataset():
+    assert compose_config(["algo=bc"]).run_dir == "runs/train/bc/hopper-medium-seed0"
+    assert compose_config(["algo=bc", "task=walker2d-medium"]).run_dir == "runs/train/bc/walker2d-medium-seed0"
+    assert compose_config(["algo=bc", "dataset=mujoco/hopper/expert-v0"]).run_dir == \
+        "runs/train/bc/mujoco_hopper_expert-v0-seed0"

@@ -219,7 +219,7 @@ def sweep_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     temperature: the initial-noise scale (None = the checkpoint's). kwargs go to `sweep` (solvers,
     steps, episodes, seed, progress).
     """
-    policy = load_policy(str(checkpoint), device, temperature=temperature)
+    policy = load_policy(str(checkpoint), device, temperature=temperature, threads=None)  # the caller's threads
     writer = SummaryWriter(str(tb_dir))
     try:
         return sweep(policy, env_id, out_dir=out_dir, writer=writer, **kwargs)

@@ -26,7 +26,7 @@ from cleandiff_rl.utils.cli import user_errors
 @user_errors
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
-    policy = load_policy(cfg.checkpoint, cfg.device)
+    policy = load_policy(cfg.checkpoint, cfg.device, threads=None)
     env = gym.make(policy.env_id)
     obs = np.stack([env.reset(seed=cfg.seed + i)[0] for i in range(cfg.batch)])
     env.close()

@@ -76,7 +76,7 @@ def rollout_returns(policy: Agent, follow: Agent, cfg: DictConfig) -> tuple[np.n
 @user_errors
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
-    policy = load_policy(cfg.checkpoint, cfg.device)
+    policy = load_policy(cfg.checkpoint, cfg.device, threads=None)
     if not hasattr(policy, "critic_target"):
         raise ValueError(f"{cfg.checkpoint} holds a {policy.name!r} policy, which has no critic (dql or idql)")
     episodes = read_episodes(policy.dataset_id)
@@ -100,7 +100,7 @@ def main(cfg: DictConfig) -> None:
     print(f"Q over {n} candidates, max-mean {(q_cand.max(1) - q_cand.mean(1)).mean():7.3f}")
 
     if cfg.rollout_states:
-        follow = policy if cfg.follow is None else load_policy(cfg.follow, cfg.device)
+        follow = policy if cfg.follow is None else load_policy(cfg.follow, cfg.device, threads=None)
         q, rollout = rollout_returns(policy, follow, cfg)
         corr = [np.corrcoef(qs, rs)[0, 1] for qs, rs in zip(q, rollout) if qs.std() > 0 and rs.std() > 0]
         chosen = rollout[np.arange(len(q)), q.argmax(1)]

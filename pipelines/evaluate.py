@@ -25,7 +25,7 @@ OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).reso
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy = load_policy(cfg.checkpoint, cfg.device, temperature=cfg.temperature)
+    policy = load_policy(cfg.checkpoint, cfg.device, temperature=cfg.temperature, threads=None)
     result = evaluate(policy, cfg.env_id, episodes=cfg.episodes, seed=cfg.seed, solver=cfg.solver, steps=cfg.steps,
                       progress=True)
 

@@ -201,6 +201,19 @@ def test_select_modes():
         select(actions, scores, 3, "best")
 
 
+def test_load_policy_acts_with_one_cpu_thread_unless_told_otherwise(hopper_random, tmp_path):
+    """Two torch threads on shared cores made a Diffusion-QL action 10x slower: load_policy sets one."""
+    path = train(train_config("bc", hopper_random, tmp_path, steps=2))
+    try:
+        torch.set_num_threads(2)
+        load_policy(str(path), "cpu", threads=None)
+        assert torch.get_num_threads() == 2
+        load_policy(str(path), "cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_clear_errors(hopper_random, tmp_path):
     with pytest.raises(ValueError, match="unknown algorithm 'sac'.*diffusion_bc"):
         get_algorithm("sac")

@@ -330,6 +330,24 @@ def test_default_ema_forgets_the_initial_weights_within_a_cpu_budget(algo):
         assert model.ema_start + 3 * window <= 10_000, (model.ema_rate, model.ema_every, model.ema_start)
 
 
+@pytest.mark.parametrize("algo", [name for name in ALGORITHMS if name != "bc"])
+def test_after_step_advances_the_ema_of_every_diffusion_model(algo):
+    """`ema_models` names every DiffusionModel an agent holds, so `after_step` keeps each one's EMA."""
+    agent = get_algorithm(algo)(11, 3, {**SMALL[algo], "ema_start": 10}, device="cpu")
+    models = [module for module in agent.modules() if isinstance(module, DiffusionModel)]
+    assert sorted(map(id, models)) == sorted(id(getattr(agent, name)) for name in agent.ema_models)
+    with torch.no_grad():
+        for model in models:
+            for p in model.model.parameters():
+                p.add_(1.0)  # online weights away from the EMA copy
+    agent.after_step()
+    assert agent.updates == 1
+    for model in models:
+        assert model.updates == 1  # before ema_start (10) the EMA copies the online weights
+        for ema, online in zip(model.model_ema.parameters(), model.model.parameters()):
+            assert torch.equal(ema, online)
+
+
 def test_evaluate_pipeline_acts_at_the_given_temperature(hopper_random, tmp_path):
     """evaluate.py temperature=0 loads the policy at that temperature and records it in evaluation.json."""
     import json

@@ -2,8 +2,9 @@
 
 An algorithm module subclasses `Agent`, declares a `Config` dataclass (its hyperparameters, with the
 papers' defaults) and writes three things: `__init__` (networks and optimizers), `train_step(batch)`
-(with `after_step()` for EMA updates) and `_act(obs, solver, steps)` on normalized observation
-tensors. Everything a user touches (`act` on numpy, `save`, `load`, dimension checks) lives here once.
+and `_act(obs, solver, steps)` on normalized observation tensors, and names the diffusion models it keeps
+an EMA of in `ema_models` (`after_step` updates them). Everything a user touches (`act` on numpy, `save`,
+`load`, dimension checks) lives here once.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Agent(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
     is_diffusion: ClassVar[bool] = True
+    ema_models: ClassVar[tuple[str, ...]] = ()  # attributes holding a DiffusionModel whose EMA `after_step` updates
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | Any = None, *,
                  obs_normalizer: dict | None = None, env_id: str | None = None, dataset_id: str | None = None,
@@ -103,8 +105,11 @@ class Agent(nn.Module):
         raise NotImplementedError
 
     def after_step(self) -> None:
-        """Bookkeeping after every `train_step`, outside any graph: counters and EMA updates."""
+        """Bookkeeping after every `train_step`, outside any graph: the update counter and the EMAs of
+        `ema_models` (each on its own `ema_start` / `ema_every` schedule)."""
         self.updates += 1
+        for name in self.ema_models:
+            getattr(self, name).ema_update()
 
     def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """One training step (`train_step`, then `after_step`); the metrics as floats.

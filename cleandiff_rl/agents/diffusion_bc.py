@@ -26,6 +26,7 @@ class DiffusionBCConfig(DiffusionActorConfig):
 class DiffusionBC(Agent):
     name = "diffusion_bc"
     Config = DiffusionBCConfig
+    ema_models = ("actor",)
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | DiffusionBCConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -39,10 +40,6 @@ class DiffusionBC(Agent):
         self.actor.model.train()
         loss = self.actor.loss(batch["act"], batch["obs"])
         return {"actor/bc_loss": loss.detach(), "actor/grad_norm": self.actor.optimize(loss)}
-
-    def after_step(self) -> None:
-        super().after_step()
-        self.actor.ema_update()
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         prior = obs.new_zeros(obs.shape[0], self.act_dim)

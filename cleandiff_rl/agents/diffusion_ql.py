@@ -60,6 +60,7 @@ class DiffusionQLConfig(DiffusionActorConfig):
 class DiffusionQL(Agent):
     name = "dql"
     Config = DiffusionQLConfig
+    ema_models = ("actor",)
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | DiffusionQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -111,10 +112,6 @@ class DiffusionQL(Agent):
         return {"actor/bc_loss": bc_loss.detach(), "actor/q_loss": q_loss.detach(), "actor/grad_norm": actor_grad,
                 "critic/loss": critic_loss.detach(), "critic/grad_norm": critic_grad,
                 "critic/q_mean": q1.detach().mean(), "critic/target_mean": target.mean()}
-
-    def after_step(self) -> None:
-        super().after_step()
-        self.actor.ema_update()
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config

@@ -72,6 +72,7 @@ def expectile_weights(advantage: Tensor, expectile: float) -> Tensor:
 class IDQL(Agent):
     name = "idql"
     Config = IDQLConfig
+    ema_models = ("actor",)
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | IDQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -135,10 +136,6 @@ class IDQL(Agent):
         actor_grad = self.actor.optimize(bc_loss)
         return {"actor/bc_loss": bc_loss.detach(), "actor/grad_norm": actor_grad, "value/loss": value_loss.detach(),
                 "value/v_mean": v.detach().mean(), "critic/loss": critic_loss.detach(), "critic/q_mean": q1.detach().mean()}
-
-    def after_step(self) -> None:
-        super().after_step()
-        self.actor.ema_update()
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config

@@ -48,10 +48,12 @@ class Planner(Agent):
     """Base of the planners: the inpainting prior, sampling plans, and the last chosen plan.
 
     A subclass sets `plans_actions` (whether a plan holds [s, a] or s alone), builds `self.model`
-    (a `DiffusionModel` over (horizon, x_dim) with `self.fix_mask()`), and writes `train_step` and `_act`.
+    (a `DiffusionModel` over (horizon, x_dim) with `self.fix_mask()`, its EMA kept by `after_step`), and
+    writes `train_step` and `_act`.
     """
 
     plans_actions: ClassVar[bool]
+    ema_models = ("model",)
 
     def __init__(self, obs_dim: int, act_dim: int, config: Any = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -74,10 +76,6 @@ class Planner(Agent):
     def trajectories(self, batch: dict[str, Tensor]) -> Tensor:
         """The windows the model diffuses: [s, a] or s, shaped (batch, horizon, x_dim)."""
         return torch.cat([batch["obs"], batch["act"]], -1) if self.plans_actions else batch["obs"]
-
-    def after_step(self) -> None:
-        super().after_step()
-        self.model.ema_update()
 
     def sample_plans(self, obs: Tensor, n: int, solver: str, steps: int, generator: torch.Generator | None,
                      **guidance: Any) -> Tensor:

@@ -1,15 +1,20 @@
-"""Pieces two or more algorithms share: twin critics, target updates, sample-then-select acting."""
+"""Pieces two or more algorithms share: config -> DiffusionModel, twin critics, target updates,
+sample-then-select acting."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from cleandiff_rl.diffusion import DiffusionModel
 from cleandiff_rl.nn.layers import mlp
+
+if TYPE_CHECKING:
+    from cleandiff_rl.agents.planning import PlannerConfig
 
 SELECTIONS = ("argmax", "softmax", "expectile")
 
@@ -43,13 +48,23 @@ class DiffusionActorConfig:
     ema_start: int = 1000
 
 
+def diffusion_model(cfg: DiffusionActorConfig | PlannerConfig, backbone: nn.Module,
+                    nn_condition: nn.Module | None = None, *, device: torch.device, **options: Any) -> DiffusionModel:
+    """The `DiffusionModel` around `backbone` with the diffusion, optimizer and EMA settings of `cfg`.
+
+    The one place an agent's config becomes a model, so every algorithm reads its settings the same way;
+    `options` are the model's algorithm-specific arguments (fix_mask, loss_weight, classifier, x_min, ...).
+    """
+    return DiffusionModel(backbone, nn_condition, time=cfg.time, schedule=cfg.schedule,
+                          diffusion_steps=cfg.diffusion_steps, schedule_kwargs=dict(cfg.schedule_kwargs),
+                          predict=cfg.predict, lr=cfg.lr, weight_decay=cfg.weight_decay, ema_rate=cfg.ema_rate,
+                          ema_every=cfg.ema_every, ema_start=cfg.ema_start, device=device, **options)
+
+
 def diffusion_actor(cfg: DiffusionActorConfig, backbone: nn.Module, *, grad_clip_norm: float | None = None,
                     device: torch.device) -> DiffusionModel:
     """The `DiffusionModel` over actions in [-1, 1] that `cfg` describes, around `backbone`."""
-    return DiffusionModel(backbone, time=cfg.time, schedule=cfg.schedule, diffusion_steps=cfg.diffusion_steps,
-                          schedule_kwargs=dict(cfg.schedule_kwargs), predict=cfg.predict, x_min=-1.0, x_max=1.0,
-                          lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip_norm=grad_clip_norm,
-                          ema_rate=cfg.ema_rate, ema_every=cfg.ema_every, ema_start=cfg.ema_start, device=device)
+    return diffusion_model(cfg, backbone, x_min=-1.0, x_max=1.0, grad_clip_norm=grad_clip_norm, device=device)
 
 
 class TwinQ(nn.Module):

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from cleandiff_rl.agents.common import diffusion_model
 from cleandiff_rl.agents.planning import Planner, PlannerConfig
-from cleandiff_rl.diffusion import DiffusionModel
 from cleandiff_rl.nn import DiT1d, JannerUNet1d, MLPCondition
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step
@@ -74,12 +74,9 @@ class DecisionDiffuser(Planner):
         loss_weight = torch.ones(cfg.horizon, obs_dim)
         if cfg.horizon > 1:
             loss_weight[1] = cfg.next_state_weight
-        self.model = DiffusionModel(
-            backbone, MLPCondition(1, 128, hidden_dims=(128,), dropout=cfg.condition_dropout, act="silu"),
-            time=cfg.time, schedule=cfg.schedule, diffusion_steps=cfg.diffusion_steps,
-            schedule_kwargs=dict(cfg.schedule_kwargs), predict=cfg.predict, fix_mask=self.fix_mask(),
-            loss_weight=loss_weight, lr=cfg.lr, weight_decay=cfg.weight_decay, ema_rate=cfg.ema_rate,
-            ema_every=cfg.ema_every, ema_start=cfg.ema_start, device=self.device)
+        self.model = diffusion_model(
+            cfg, backbone, MLPCondition(1, 128, hidden_dims=(128,), dropout=cfg.condition_dropout, act="silu"),
+            fix_mask=self.fix_mask(), loss_weight=loss_weight, device=self.device)
         self.inverse_dynamics = nn.Sequential(mlp(2 * obs_dim, (cfg.inv_hidden,) * 2, act_dim, "relu"),
                                               nn.Tanh()).to(self.device)
         self.inv_optimizer = torch.optim.Adam(self.inverse_dynamics.parameters(), lr=cfg.inv_lr)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cleandiff_rl.agents.common import diffusion_model
 from cleandiff_rl.agents.planning import Planner, PlannerConfig
 from cleandiff_rl.data.torch_datasets import SequenceDataset
-from cleandiff_rl.diffusion import DiffusionModel
 from cleandiff_rl.nn import HalfJannerUNet1d, JannerUNet1d
 from cleandiff_rl.utils import optimizer_step
 
@@ -63,12 +63,9 @@ class Diffuser(Planner):
         self.value = _Value(HalfJannerUNet1d(self.x_dim, horizon=cfg.horizon, **unet))
         loss_weight = torch.ones(cfg.horizon, self.x_dim)
         loss_weight[0, obs_dim:] = cfg.action_weight
-        self.model = DiffusionModel(
-            JannerUNet1d(self.x_dim, attention=cfg.attention, **unet), time=cfg.time, schedule=cfg.schedule,
-            diffusion_steps=cfg.diffusion_steps, schedule_kwargs=dict(cfg.schedule_kwargs), predict=cfg.predict,
-            fix_mask=self.fix_mask(), loss_weight=loss_weight, classifier=self.value, lr=cfg.lr,
-            weight_decay=cfg.weight_decay, ema_rate=cfg.ema_rate, ema_every=cfg.ema_every, ema_start=cfg.ema_start,
-            device=self.device)
+        self.model = diffusion_model(cfg, JannerUNet1d(self.x_dim, attention=cfg.attention, **unet),
+                                     fix_mask=self.fix_mask(), loss_weight=loss_weight, classifier=self.value,
+                                     device=self.device)
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=cfg.lr)
         self.register_buffer("value_mean", torch.zeros((), device=self.device))
         self.register_buffer("value_std", torch.ones((), device=self.device))

@@ -29,6 +29,7 @@ from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data.registry import reference_scores
 from cleandiff_rl.diffusion.solvers import CROSS_SOLVERS, get_solver
+from cleandiff_rl.utils import atomic_write
 
 if TYPE_CHECKING:  # matplotlib loads only for planner figures: it costs every pipeline ~1 s at startup
     from matplotlib.figure import Figure
@@ -142,14 +143,6 @@ def network_calls(policy: Agent) -> dict[str, Any]:
     return {"nfe": log["nfe"] + guidance, "guidance_calls": guidance, "cfg_batched": log.get("cfg_batched", False)}
 
 
-def write_atomic(path: Path, write: Any) -> None:
-    """Call `write(file)` on a temporary text file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def write_sweep(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write sweep.csv (the `COLUMNS`) and sweep.json (full rows) atomically; return their paths."""
     out = Path(out_dir)
@@ -160,8 +153,8 @@ def write_sweep(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Pat
         table.writeheader()
         table.writerows(rows)
 
-    write_atomic(out / "sweep.csv", write_csv)
-    write_atomic(out / "sweep.json", lambda f: json.dump(rows, f, indent=1))
+    atomic_write(out / "sweep.csv", write_csv)
+    atomic_write(out / "sweep.json", lambda f: json.dump(rows, f, indent=1))
     return out / "sweep.csv", out / "sweep.json"
 
 

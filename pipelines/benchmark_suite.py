@@ -37,9 +37,9 @@ from tqdm import tqdm
 from cleandiff_rl.agents import Agent, get_algorithm, load_policy
 from cleandiff_rl.data import normalized_score, read_episodes
 from cleandiff_rl.data.registry import build_command, datasets_root, parse_id, task_of
-from cleandiff_rl.evaluation import evaluate, write_atomic
+from cleandiff_rl.evaluation import evaluate
 from cleandiff_rl.training import CONFIG_DIR, compose_config
-from cleandiff_rl.utils import load_checkpoint
+from cleandiff_rl.utils import atomic_write, load_checkpoint
 from cleandiff_rl.utils.cli import user_errors
 
 PIPELINES = Path(__file__).resolve().parent
@@ -244,7 +244,7 @@ def main(cfg: DictConfig) -> None:
             policy = with_settings(load_policy(str(out / d.name / algo / "checkpoint.pt"), cfg.device), dict(settings))
             result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
             cache.parent.mkdir(exist_ok=True)
-            write_atomic(cache, lambda f: json.dump({"key": key, "result": result}, f))
+            atomic_write(cache, lambda f: json.dump({"key": key, "result": result}, f))
         return {"dataset": d.name, "dataset_id": d.id, "label": label, "algo": algo, "steps": int(cfg.steps[algo]),
                 "batch_size": run["batch_size"], "train_minutes": run["wall_seconds"] / 60,
                 "updates_per_second": cfg.steps[algo] / run["update_seconds"], "score_mean": result["score_mean"],
@@ -261,9 +261,9 @@ def main(cfg: DictConfig) -> None:
     rows = references + evaluated
     table = format_table(rows, datasets)
 
-    write_atomic(out / "results.json", lambda f: json.dump(
+    atomic_write(out / "results.json", lambda f: json.dump(
         {"suite": cfg.suite_name, "config": OmegaConf.to_container(cfg, resolve=True), "rows": rows}, f, indent=2))
-    write_atomic(out / "results.csv", lambda f: write_csv(f, rows))
+    atomic_write(out / "results.csv", lambda f: write_csv(f, rows))
     fig = score_figure(rows, datasets)
     fig.savefig(out / "scores.png", dpi=120)
     writer = SummaryWriter(str(out / "tb"))

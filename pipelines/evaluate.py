@@ -6,7 +6,6 @@ See configs/evaluate.yaml. Writes run_dir/evaluation.json (the result, with the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import hydra
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cleandiff_rl.agents import load_policy
 from cleandiff_rl.evaluation import evaluate
+from cleandiff_rl.utils import atomic_write
 from cleandiff_rl.utils.cli import user_errors
 
 OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).resolve().parent.name, replace=True)
@@ -42,11 +42,8 @@ def main(cfg: DictConfig) -> None:
     print(f"episode length   {result['length_mean']:.0f}")
     print(f"time per action  {result['time_per_action_ms']:.2f} ms (one batched call for all running episodes)")
 
-    out = Path(cfg.run_dir) / "evaluation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), **result}, indent=1))
-    os.replace(tmp, out)
+    out = atomic_write(Path(cfg.run_dir) / "evaluation.json",
+                       lambda f: json.dump({"checkpoint": str(cfg.checkpoint), **result}, f, indent=1))
     print(f"result: {out}")
 
 

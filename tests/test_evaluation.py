@@ -140,3 +140,26 @@ def test_sweep_rejects_bad_input_before_evaluating(tmp_path: Path, monkeypatch: 
     with pytest.raises(ValueError, match="obs dim 5"):
         sweep(stub(obs_dim=5), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_atomic_write_replaces_whole_files_or_nothing(tmp_path: Path):
+    """Results and checkpoints go through one `atomic_write`: a write that fails half way leaves the previous
+    file as it was and no temporary file behind."""
+    from cleandiff_rl.utils import atomic_save, atomic_write, load_checkpoint
+
+    target = atomic_write(tmp_path / "sub" / "table.csv", lambda f: f.write("a,b\r\n1,2\n"))
+    assert target.read_bytes() == b"a,b\r\n1,2\n"  # text mode, newlines as written (csv's \r\n kept)
+
+    def fail_half_way(f) -> None:
+        f.write("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, fail_half_way)
+    assert target.read_bytes() == b"a,b\r\n1,2\n"
+    with pytest.raises(AttributeError, match="pickle"):
+        atomic_save({"x": lambda: None}, tmp_path / "ckpt.pt")  # pickling fails part way through
+    assert not (tmp_path / "ckpt.pt").exists()
+    atomic_save({"x": torch.arange(3)}, tmp_path / "ckpt.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt.pt")["x"], torch.arange(3))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["ckpt.pt", "sub", "table.csv"]

@@ -1,30 +1,40 @@
-"""Atomic checkpoint files: a crash mid-write never leaves a truncated checkpoint behind."""
+"""Atomic file writes: a crash mid-write never leaves a truncated checkpoint or result file behind."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` to a temporary file in the same folder, then rename it over `path`."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], *, binary: bool = False) -> Path:
+    """Call `write(file)` on a new temporary file beside `path` (text, or bytes with `binary`), flush it
+    to disk, then rename it over `path`; on any error the temporary file is removed and `path` untouched.
+
+    The temporary name is unique, so concurrent writers (threads, processes) never share one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, "xb" if binary else "x", **({} if binary else {"newline": ""})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save` through `atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -20,24 +20,25 @@ from omegaconf import DictConfig
 
 from cleandiff_rl.agents import load_policy
 from cleandiff_rl.agents.base import Agent
-from cleandiff_rl.agents.common import sample_candidates
+from cleandiff_rl.agents.diffusion_ql import DiffusionQL
+from cleandiff_rl.agents.idql import IDQL
 from cleandiff_rl.data import discounted_returns, read_episodes
 from cleandiff_rl.utils.cli import user_errors
 
 
-def candidate_q(policy: Agent, obs: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The act-time candidates at raw observations `obs`: Q `(states, n)` and env actions `(states, n, act_dim)`."""
+def candidate_q(policy: DiffusionQL | IDQL, obs: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The act-time candidates at raw observations `obs` (the policy's own `candidates`, at its solver, steps
+    and temperature): Q `(states, n)` and env actions `(states, n, act_dim)`."""
     n = policy.config.num_candidates
     with torch.no_grad():
         obs_t = policy.obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=policy.device))
-        obs_rep, candidates, _ = sample_candidates(
-            policy.actor, obs_t, policy.act_dim, n, solver=policy.solver, steps=policy.steps,
-            use_ema=getattr(policy.config, "act_with_ema", True), generator=torch.Generator(policy.device).manual_seed(seed))
-        q = policy.critic_target.q_min(obs_rep, candidates).view(-1, n).cpu().numpy()
-    return q, policy.unnormalize_action(candidates).cpu().numpy().reshape(len(q), n, -1)
+        _, candidates, q = policy.candidates(obs_t, policy.solver, policy.steps,
+                                             torch.Generator(policy.device).manual_seed(seed))
+    actions = policy.unnormalize_action(candidates).cpu().numpy().reshape(-1, n, policy.act_dim)
+    return q.view(-1, n).cpu().numpy(), actions
 
 
-def rollout_returns(policy: Agent, follow: Agent, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+def rollout_returns(policy: DiffusionQL | IDQL, follow: Agent, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
     """Q of each candidate at `rollout_states` states of the policy's own episodes, and the discounted
     return of taking that candidate once, then `follow`'s actions for `rollout_steps - 1` steps."""
     env = gym.make(policy.env_id).unwrapped  # MuJoCo: set_state restores a visited state exactly
@@ -77,7 +78,7 @@ def rollout_returns(policy: Agent, follow: Agent, cfg: DictConfig) -> tuple[np.n
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.checkpoint, cfg.device, threads=None)
-    if not hasattr(policy, "critic_target"):
+    if not isinstance(policy, (DiffusionQL, IDQL)):
         raise ValueError(f"{cfg.checkpoint} holds a {policy.name!r} policy, which has no critic (dql or idql)")
     episodes = read_episodes(policy.dataset_id)
     reward_scale = float(getattr(policy, "reward_scale", 1.0))  # IDQL's critic learns scaled rewards

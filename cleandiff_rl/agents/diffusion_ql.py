@@ -113,10 +113,17 @@ class DiffusionQL(Agent):
                 "critic/loss": critic_loss.detach(), "critic/grad_norm": critic_grad,
                 "critic/q_mean": q1.detach().mean(), "critic/target_mean": target.mean()}
 
-    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
+    def candidates(self, obs: Tensor, solver: str, steps: int,
+                   generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The act-time candidates for normalized observations `(b, obs_dim)` and how the critic rates them:
+        obs repeated `(b * n, obs_dim)`, actions `(b * n, act_dim)` and their target-critic min Q `(b * n,)`."""
         cfg = self.config
         obs_rep, actions, self.last_sample_log = sample_candidates(
             self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, temperature=cfg.temperature,
             use_ema=cfg.act_with_ema, generator=generator)
-        q = self.critic_target.q_min(obs_rep, actions)
+        return obs_rep, actions, self.critic_target.q_min(obs_rep, actions)
+
+    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
+        cfg = self.config
+        _, actions, q = self.candidates(obs, solver, steps, generator)
         return select(actions, q, cfg.num_candidates, cfg.selection, cfg.selection_temperature, generator)

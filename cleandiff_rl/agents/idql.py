@@ -137,12 +137,20 @@ class IDQL(Agent):
         return {"actor/bc_loss": bc_loss.detach(), "actor/grad_norm": actor_grad, "value/loss": value_loss.detach(),
                 "value/v_mean": v.detach().mean(), "critic/loss": critic_loss.detach(), "critic/q_mean": q1.detach().mean()}
 
-    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
+    def candidates(self, obs: Tensor, solver: str, steps: int,
+                   generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The act-time candidates for normalized observations `(b, obs_dim)` and how the critic rates them:
+        obs repeated `(b * n, obs_dim)`, actions `(b * n, act_dim)` from the EMA behavior model and their
+        target-critic min Q `(b * n,)`."""
         cfg = self.config
         obs_rep, actions, self.last_sample_log = sample_candidates(
             self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, temperature=cfg.temperature,
             generator=generator)
-        q = self.critic_target.q_min(obs_rep, actions)
+        return obs_rep, actions, self.critic_target.q_min(obs_rep, actions)
+
+    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
+        cfg = self.config
+        obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
         if cfg.selection == "expectile":
             scores = expectile_weights(q - self.value(obs_rep).squeeze(-1), cfg.expectile)
         else:

@@ -307,8 +307,8 @@ def test_critic_diagnostics_pipeline(hopper_random, tmp_path):
     for algo in ("dql", "bc"):
         path = train(train_config(algo, hopper_random, tmp_path / algo, steps=4))
         run = subprocess.run([sys.executable, str(script), f"checkpoint={path}", "transitions=200", "states=20", "rollout_states=3",
-                              "rollout_every=2", "rollout_steps=4",
-                              "device=cpu", f"run_dir={tmp_path / 'diag'}"], env=env, capture_output=True, text=True)
+                              "rollout_every=2", "rollout_steps=4", "device=cpu"],
+                             env=env, capture_output=True, text=True)
         if algo == "dql":
             assert run.returncode == 0, run.stderr
             assert "correlation(Q, MC return)" in run.stdout and "Q over 4 candidates" in run.stdout

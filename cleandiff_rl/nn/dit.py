@@ -6,7 +6,9 @@ adaLN-Zero from emb = time embedding + condition projection: shift/scale of the 
 gate on the residual branch, all produced by a zero-initialised linear map, so every block
 starts as the identity and the zero-initialised output layer makes the initial prediction 0.
 CleanDiffuser's Decision Diffuser setting: d_model 320, n_heads 10, depth 2, emb_dim 128 with
-Fourier time features (here time_embedding="fourier", fourier_scale=0.016; see FourierEmbedding).
+Fourier time features of scale 16 on t in [0, 1]. Our Decision Diffuser passes time_embedding="fourier"
+with the default fourier_scale 0.2, which on continuous time (x1000, see FourierEmbedding) is a scale
+of 200, not 16; fourier_scale=0.016 would match CleanDiffuser.
 """
 
 from __future__ import annotations

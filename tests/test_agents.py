@@ -15,7 +15,7 @@ import torch
 from offline_data import PENDULUM_ENV_ID, RANDOM_PENDULUM_RETURN, pendulum_dataset, random_dataset
 
 import cleandiff_rl
-from cleandiff_rl.agents import ALGORITHMS, get_algorithm, load_policy
+from cleandiff_rl.agents import ALGORITHMS, Agent, get_algorithm, load_policy
 from cleandiff_rl.agents.common import select
 from cleandiff_rl.agents.idql import expectile_weights
 from cleandiff_rl.agents.planning import Planner
@@ -53,23 +53,30 @@ def hopper_random(minari_root) -> str:
 
 
 @pytest.mark.parametrize("algo", list(ALGORITHMS))
-def test_train_save_load_act_round_trip(algo, hopper_random, tmp_path):
-    """train -> checkpoint -> load_policy -> act gives the same actions, for numpy single and batch obs."""
+def test_train_save_load_act_round_trip(algo, hopper_random, tmp_path, monkeypatch):
+    """The policy load_policy rebuilds from train's checkpoint is the agent train left in memory: the same
+    weights, buffers, normalizer, action bounds and settings, so the same actions, for single and batch obs."""
+    saved: list[Agent] = []
+    save = Agent.save
+    monkeypatch.setattr(Agent, "save", lambda self, path, **extra: saved.append(self) or save(self, path, **extra))
     path = train(train_config(algo, hopper_random, tmp_path / algo, steps=12))
+    trained = saved[-1]
     state = load_checkpoint(path)
     assert state["step"] == 12 and state["algo"] == algo and state["env_id"] == "Hopper-v5"
     assert (tmp_path / algo / "tb").is_dir()
     policy = cleandiff_rl.load_policy(str(path))
-    again = load_policy(str(path))
-    obs = np.random.default_rng(0).normal(size=(3, 11))
+    assert policy is not trained and type(policy) is type(trained) and policy.config == trained.config
+    assert policy.updates == trained.updates == 12 and policy.action_bounds == trained.action_bounds
+    obs = np.random.default_rng(0).normal(size=(3, 11)) * 5  # raw observations: the normalizer matters
     first = policy.act(obs, generator=torch.Generator().manual_seed(1))
-    second = again.act(obs, generator=torch.Generator().manual_seed(1))
     assert first.shape == (3, 3) and first.dtype == np.float32
-    np.testing.assert_array_equal(first, second)
-    single = again.act(obs[0], generator=torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(first, trained.act(obs, generator=torch.Generator().manual_seed(1)))
+    single = policy.act(obs[0], generator=torch.Generator().manual_seed(1))
     assert single.shape == (3,) and np.all(np.abs(single) <= 1.0)
+    trained_state = trained.state_dict()
+    assert policy.state_dict().keys() == trained_state.keys()
     for key, value in policy.state_dict().items():
-        torch.testing.assert_close(value, again.state_dict()[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(value, trained_state[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("algo", list(ALGORITHMS))
@@ -232,7 +239,9 @@ def test_clear_errors(hopper_random, tmp_path):
         load_policy(str(bc), temperature=0)
     with pytest.raises(ValueError, match=r"expects observations of shape \(11,\)"):
         policy.act(np.zeros(4))
-    with pytest.raises(ValueError, match="InvertedPendulum-v5.*trained on test/hopper/random-v0|trained on test/hopper"):
+    mismatch = (r"^policy \(obs dim 11, act dim 3, trained on test/hopper/random-v0\) does not fit env "
+                r"InvertedPendulum-v5 \(observation shape \(4,\), action shape \(1,\)\)$")
+    with pytest.raises(ValueError, match=mismatch):
         evaluate(policy, PENDULUM_ENV_ID, episodes=1)
     with pytest.raises(FileNotFoundError):
         load_policy(str(tmp_path / "missing.pt"))

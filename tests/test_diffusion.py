@@ -131,11 +131,21 @@ def test_unknown_solver_lists_valid_names():
     assert all(name in str(err.value) for name in SOLVERS)
 
 
-def test_solver_names_cover_the_cross_solver_ten():
+def test_solver_names_cover_the_cross_solver_ten_and_do_what_they_say():
+    """Each of the ten names maps to the rule it names: sde_* and ddpm draw noise (ode_* and ddim map x_T to
+    one sample), ++ and DDIM/DDPM combine x0 predictions (DPM-Solver eps), and 2M reads two model outputs."""
     ten = ["ddpm", "ddim", "ode_dpmsolver_1", "ode_dpmsolver_2M", "sde_dpmsolver_1", "sde_dpmsolver_2M",
            "ode_dpmsolver++_1", "ode_dpmsolver++_2M", "sde_dpmsolver++_1", "sde_dpmsolver++_2M"]
-    assert list(CROSS_SOLVERS) == ten and SOLVERS[:10] == CROSS_SOLVERS and DiffusionModel.solvers == SOLVERS
-    assert all(get_solver(name).cross_solver == (name in ten) for name in SOLVERS)
+    assert list(CROSS_SOLVERS) == ten and SOLVERS[:10] == CROSS_SOLVERS
+    model = exact_model("continuous", "linear", "eps")
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    for name in ten:
+        a, b = (model.sample(torch.zeros(16, 2), solver=name, steps=4, x_T=x_T,
+                             generator=torch.Generator().manual_seed(seed))[0] for seed in (1, 2))
+        assert torch.equal(a, b) == (name.startswith("ode_") or name == "ddim"), name
+        solver = get_solver(name)
+        assert solver.param == ("x0" if "++" in name or name in ("ddim", "ddpm") else "eps"), name
+        assert solver.history == (2 if name.endswith("_2M") else 1), name
 
 
 @pytest.fixture

@@ -130,10 +130,49 @@ def test_condition_dropout_validated():
 # ---------------------------------------------------------------- backbones
 
 @pytest.mark.parametrize("name", MLPS)
-def test_mlp_shape(name: str):
+@pytest.mark.parametrize("cond_dim", [COND_DIM, 0])
+def test_mlp_computes_its_documented_architecture(name: str, cond_dim: int):
+    """Each MLP backbone equals its docstring written out with its own weights: DQL concat[x, time_emb, c] ->
+    3 x (Linear + Mish) -> Linear, time sinusoidal -> Linear -> Mish -> Linear; IDQL concat -> Linear ->
+    residual blocks x + Linear(act(Linear(LayerNorm(x)))) -> act -> Linear, time Fourier [cos, sin]
+    -> Linear -> act -> Linear (act = SiLU, dropout off in eval). Float time is scaled by 1000."""
+    import torch.nn.functional as F
+
+    net = MLPS[name](cond_dim).eval()
     x, t, c = _inputs(name)
-    assert MLPS[name](COND_DIM)(x, t, c).shape == x.shape
-    assert MLPS[name](0)(x, t.float() / 20).shape == x.shape
+    t = t.float() / 20  # continuous time: the embedding sees 1000 t
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]  # time MLP first, then the body
+
+    def dense(h: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        return h @ layer.weight.T + layer.bias
+
+    def mish(h: torch.Tensor) -> torch.Tensor:
+        return h * torch.tanh(F.softplus(h))
+
+    if name == "dql":
+        half = linears[0].in_features // 2  # emb_dim / 2 sine and as many cosine features
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / (half - 1))
+        emb = torch.cat([torch.sin(1000 * t[:, None] * freqs), torch.cos(1000 * t[:, None] * freqs)], -1)
+        act = mish
+    else:
+        w = 2 * math.pi * 1000 * t[:, None] * net.time_mlp[0].weight.detach()
+        emb = torch.cat([w.cos(), w.sin()], -1)
+        act = F.silu
+    time_emb = dense(act(dense(emb, linears[0])), linears[1])
+    h = torch.cat([x, time_emb, c] if cond_dim else [x, time_emb], -1)
+    if name == "dql":
+        for layer in linears[2:5]:
+            h = mish(dense(h, layer))
+    else:
+        h = dense(h, linears[2])
+        norms = [m for m in net.modules() if isinstance(m, nn.LayerNorm)]
+        for norm, first, second in zip(norms, linears[3:-1:2], linears[4:-1:2]):
+            h = h + dense(act(dense(F.layer_norm(h, h.shape[-1:], norm.weight, norm.bias), first)), second)
+        h = act(h)
+    expected = dense(h, linears[-1])
+    out = net(x, t, c) if cond_dim else net(x, t)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", SEQUENCES)

@@ -189,7 +189,7 @@ def score_figure(rows: list[dict], datasets: list[Dataset]):  # -> matplotlib Fi
     labels = list(dict.fromkeys(r["label"] for r in rows if r["algo"] is not None))
     cell = {(r["label"], r["dataset"]): r for r in rows}
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(datasets) * max(1, len(labels) / 3)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(datasets) * max(1, len(labels) / 3)) + 2.5, 4.5))
     for i, label in enumerate(labels):
         xs = [j for j, d in enumerate(datasets) if (label, d.name) in cell]
         found = [cell[(label, datasets[j].name)] for j in xs]
@@ -200,7 +200,7 @@ def score_figure(rows: list[dict], datasets: list[Dataset]):  # -> matplotlib Fi
                   label="dataset average" if j == 0 else None)
     ax.set_xticks(range(len(datasets)), [d.name for d in datasets], rotation=20, ha="right")
     ax.set_ylabel("normalized score (D4RL x100)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     return fig
 

@@ -235,7 +235,8 @@ def main(cfg: DictConfig) -> None:
     def evaluate_cell(cell: tuple[Dataset, str, str, dict]) -> dict:
         d, algo, label, settings = cell
         run = timing[(d, algo)]
-        key = {"settings": settings, "episodes": cfg.episodes, "seed": cfg.seed + 1000, "run_seconds": run["wall_seconds"]}
+        key = {"settings": settings, "episodes": cfg.episodes, "seed": cfg.seed + 1000,
+               "run_seconds": run["wall_seconds"]}  # a retrained checkpoint has another wall time
         cache = out / d.name / algo / "evaluations" / f"{re.sub(r'[^A-Za-z0-9.=_-]+', '_', label)}.json"
         cached = json.loads(cache.read_text()) if cache.is_file() else None
         if cached is not None and cached["key"] == key:
@@ -243,7 +244,6 @@ def main(cfg: DictConfig) -> None:
         else:
             policy = with_settings(load_policy(str(out / d.name / algo / "checkpoint.pt"), cfg.device), dict(settings))
             result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
-            cache.parent.mkdir(exist_ok=True)
             atomic_write(cache, lambda f: json.dump({"key": key, "result": result}, f))
         return {"dataset": d.name, "dataset_id": d.id, "label": label, "algo": algo, "steps": int(cfg.steps[algo]),
                 "batch_size": run["batch_size"], "train_minutes": run["wall_seconds"] / 60,

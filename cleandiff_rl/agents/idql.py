@@ -5,9 +5,9 @@ Per update (philippe-eecs/IDQL, jaxrl5/agents/ddpm_iql_simple/ddpm_iql_learner.p
 1. Value: V(s) fits the tau-expectile (tau = 0.7) of min(Q1', Q2')(s, a) over dataset actions.
 2. Critic: twin Q regress r * reward_scale + gamma (1 - terminal) V(s'); targets track with 0.005.
 3. Behavior: a diffusion model (IDQL's LN-ResNet) learns pi_beta(a | s) by plain denoising; it
-   never sees Q, so actor and critic train independently, and each gets its own budget: the critics
-   (two small MLPs) cost a fraction of the behavior model, so `critic_updates > 1` buys many more
-   critic updates for little wall time (the original: 1).
+   never sees Q, so actor and critic train independently, and each gets its own budget: a value +
+   critic update costs about a quarter of a behavior-model update on one CPU core, so
+   `critic_updates > 1` buys more critic updates for less than their share of time (the original: 1).
 Acting: sample `num_candidates` actions from the EMA behavior model and resample one with the
 implicit-policy weights of the expectile loss (`selection: expectile`, the paper's; see
 `expectile_weights`), or take argmax Q (the released code's evaluation), or softmax.
@@ -107,8 +107,8 @@ class IDQL(Agent):
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         cfg = self.config
-        chunks = [{key: value.chunk(cfg.critic_updates)[i] for key, value in batch.items()}
-                  for i in range(cfg.critic_updates)]  # `batches_per_step` batches, stacked
+        split = {key: value.chunk(cfg.critic_updates) for key, value in batch.items()}  # `batches_per_step`, stacked
+        chunks = [{key: parts[i] for key, parts in split.items()} for i in range(cfg.critic_updates)]
         for part in chunks:
             obs, act = part["obs"], part["act"]
 

@@ -134,7 +134,8 @@ def train_cell(dataset: Dataset, overrides: list[str], run_dir: Path, log: Path)
         overrides.append(f"task={dataset.task}")
     run_logged([sys.executable, str(PIPELINES / "train.py"), *overrides], log)
     state = load_checkpoint(run_dir / "checkpoint.pt")
-    return {"wall_seconds": state["wall_seconds"], "update_seconds": state["wall_seconds"] - state.get("eval_seconds", 0.0),
+    wall = state["wall_seconds"]
+    return {"wall_seconds": wall, "update_seconds": wall - state.get("eval_seconds", 0.0),
             "batch_size": state["run_config"]["batch_size"]}
 
 

@@ -32,7 +32,10 @@ HIGHER_ORDER = ["ode_dpmsolver_2M", "ode_dpmsolver++_2M", "heun", "pndm"]
 # and the step counts to fit the order over. A discrete grid cannot refine below one index per step,
 # so its error stops converging: on the discrete cosine (from index 993) PNDM's error falls to a
 # floor of about 2e-5 by 100 steps, crossing zero at 128 (1.5e-7), so the fit stops at 96 there.
-ORDER_SETTINGS = [("discrete", "cosine", "logsnr", (16, 32, 64, 96)), ("continuous", "ve", "logsnr", (16, 32, 64, 128))]
+ORDER_SETTINGS = [("discrete", "cosine", "logsnr", (16, 32, 64, 96)), ("continuous", "ve", "logsnr", (16, 32, 64, 128)),
+                  ("continuous", "flow", "logsnr", (16, 32, 64, 128))]
+# Every prediction each time kind supports (velocity needs continuous time).
+PREDICTS = {"discrete": ("eps", "x0"), "continuous": ("eps", "x0", "v")}
 
 
 # ---- schedules ----------------------------------------------------------------------------------
@@ -51,14 +54,17 @@ def test_discrete_cosine_matches_diffuser_numbers():
 
 
 @pytest.mark.parametrize("time,name", [("discrete", "linear"), ("discrete", "cosine"), ("continuous", "linear"),
-                                       ("continuous", "cosine"), ("continuous", "ve")])
+                                       ("continuous", "cosine"), ("continuous", "ve"), ("continuous", "flow")])
 def test_schedule_identities_and_log_snr_inverse(time, name):
     sched = make_schedule(time, name, diffusion_steps=100)
-    t = torch.arange(0, 100, 7) if time == "discrete" else torch.linspace(1e-3, 1.0, 15, dtype=torch.float64)
+    t_max = 0.99 if name == "flow" else 1.0  # the flow's alpha is 0 at t = 1
+    t = torch.arange(0, 100, 7) if time == "discrete" else torch.linspace(1e-3, t_max, 15, dtype=torch.float64)
     alpha, sigma, lam = sched.alpha(t), sched.sigma(t), sched.log_snr(t)
     assert torch.allclose(lam, torch.log(alpha / sigma))
     if name == "ve":
         assert torch.all(alpha == 1)
+    elif name == "flow":
+        assert torch.allclose(alpha, 1 - t) and torch.allclose(sigma, t)
     else:
         assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(alpha))
     assert torch.allclose(sched.t_from_log_snr(lam).double(), t.double(), atol=1e-6)
@@ -67,13 +73,46 @@ def test_schedule_identities_and_log_snr_inverse(time, name):
         assert sched.sigma(clean) == 0 and sched.log_snr(clean) == math.inf
 
 
+@pytest.mark.parametrize("name", ["linear", "cosine", "ve", "flow"])
+def test_velocity_coefficients_are_the_time_derivatives(name):
+    sched = make_schedule("continuous", name)
+    t, h = torch.linspace(0.05, 0.95, 10, dtype=torch.float64), 1e-6
+    d_alpha, d_sigma = sched.velocity(t)
+    for derivative, f in ((d_alpha, sched.alpha), (d_sigma, sched.sigma)):
+        assert torch.allclose(derivative, ((f(t + h) - f(t - h)) / (2 * h)).double(), rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="needs continuous time"):
+        make_schedule("discrete", "linear", 10).velocity(torch.tensor([3]))
+
+
+def test_flow_matching_regresses_eps_minus_x0_and_grids_start_below_t_1():
+    model = DiffusionModel(nn.Identity(), time="continuous", schedule="flow", predict="v", device="cpu")
+    x0, eps, t = torch.randn(8, 2), torch.randn(8, 2), torch.rand(8)
+    assert torch.allclose(model._target(x0, eps, t), eps - x0)
+    assert time_grid(model.schedule, 4) == pytest.approx([0.99, 0.7425, 0.495, 0.2475, 0.0])
+    with pytest.raises(ValueError, match="needs time='continuous'"):
+        DiffusionModel(nn.Identity(), time="discrete", predict="v", device="cpu")
+
+
+def test_ddim_on_the_flow_schedule_is_an_euler_step_on_the_velocity(float64):
+    torch.manual_seed(0)
+    net = ConditionalMLP(2, 0)
+    model = DiffusionModel(net, time="continuous", schedule="flow", predict="v", device="cpu")
+    x_T = torch.randn(16, 2)
+    x, log = model.sample(torch.zeros(16, 2), solver="ddim", steps=5, x_T=x_T, use_ema=False)
+    euler = x_T
+    with torch.no_grad():
+        for s, t in zip(log["t"], log["t"][1:]):  # x_t = x_s + (t - s) v(x_s, s)
+            euler = euler + (t - s) * net(euler, torch.full((16,), s))
+    assert torch.allclose(x, euler, atol=1e-12)
+
+
 def test_discrete_schedule_rejects_float_times():
     with pytest.raises(TypeError, match="integer step indices"):
         make_schedule("discrete", "cosine", 10).alpha(torch.tensor([0.5]))
 
 
 def test_bad_schedule_names():
-    with pytest.raises(ValueError, match="valid: linear, cosine, ve"):
+    with pytest.raises(ValueError, match="valid: linear, cosine, ve, flow"):
         make_schedule("continuous", "sigmoid")
     with pytest.raises(ValueError, match="continuous-time only"):
         make_schedule("discrete", "ve")
@@ -156,8 +195,8 @@ def float64():
     torch.set_default_dtype(previous)
 
 
-@pytest.mark.parametrize("predict", ["eps", "x0"])
-@pytest.mark.parametrize("time,schedule,step_schedule,step_counts", ORDER_SETTINGS)
+@pytest.mark.parametrize("time,schedule,step_schedule,step_counts,predict",
+                         [(*setting, predict) for setting in ORDER_SETTINGS for predict in PREDICTS[setting[0]]])
 def test_ode_solvers_converge_with_their_order(float64, time, schedule, step_schedule, step_counts, predict):
     model = exact_model(time, schedule, predict)
     for solver in FIRST_ORDER + HIGHER_ORDER:
@@ -172,13 +211,13 @@ def test_ode_solvers_converge_with_their_order(float64, time, schedule, step_sch
             assert errors[-1] < 5e-4, (solver, errors)
 
 
-@pytest.mark.parametrize("time,schedule", [("discrete", "linear"), ("continuous", "cosine")])
-def test_eps_and_x0_forms_of_the_exact_network_agree(float64, time, schedule):
+@pytest.mark.parametrize("time,schedule", [("discrete", "linear"), ("continuous", "cosine"), ("continuous", "flow")])
+def test_eps_x0_and_v_forms_of_the_exact_network_agree(float64, time, schedule):
     x_T = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
     for solver in ODE_SOLVERS:
         out = [exact_model(time, schedule, p).sample(torch.zeros(64, 3), solver=solver, steps=10, x_T=x_T)[0]
-               for p in ("eps", "x0")]
-        assert torch.allclose(out[0], out[1], atol=1e-9), solver
+               for p in PREDICTS[time]]
+        assert all(torch.allclose(out[0], o, atol=1e-9) for o in out[1:]), solver
 
 
 def test_first_order_solvers_are_the_same_map(float64):
@@ -193,11 +232,12 @@ def test_first_order_solvers_are_the_same_map(float64):
     assert torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("time,schedule", [("discrete", "linear"), ("continuous", "cosine")])
+@pytest.mark.parametrize("time,schedule,predict", [("discrete", "linear", "eps"), ("continuous", "cosine", "eps"),
+                                                   ("continuous", "flow", "v")])
 @pytest.mark.parametrize("solver", SDE_SOLVERS + [DDIM(eta=0.5), PredictorCorrector(snr=0.05, corrector_steps=2)])
-def test_stochastic_solvers_sample_the_data_distribution(time, schedule, solver):
+def test_stochastic_solvers_sample_the_data_distribution(time, schedule, predict, solver):
     # DDPM's posterior variance is biased low at large steps (Bao et al. 2022): use the full T = 1000 chain.
-    model = exact_model(time, schedule, "eps")
+    model = exact_model(time, schedule, predict)
     x, _ = model.sample(torch.zeros(10000, 2), solver=solver, steps=1000, generator=torch.Generator().manual_seed(0))
     assert abs(x.mean().item() - M) < 0.01 and abs(x.std().item() - S) < 0.01, (x.mean(), x.std())
 
@@ -235,9 +275,11 @@ def test_every_solver_samples_the_gaussian_in_few_steps_on_discrete_cosine(float
     assert not failures, failures
 
 
-@pytest.mark.parametrize("time,schedule", [("discrete", "cosine"), ("discrete", "linear"), ("continuous", "linear"),
-                                           ("continuous", "cosine"), ("continuous", "ve")])
-@pytest.mark.parametrize("predict", ["eps", "x0"])
+@pytest.mark.parametrize("time,schedule,predict", [
+    (time, schedule, predict)
+    for time, schedule in [("discrete", "cosine"), ("discrete", "linear"), ("continuous", "linear"),
+                           ("continuous", "cosine"), ("continuous", "ve"), ("continuous", "flow")]
+    for predict in PREDICTS[time]])
 def test_every_solver_is_finite_down_to_sigma_zero(time, schedule, predict):
     model = exact_model(time, schedule, predict)
     for solver in SOLVERS:
@@ -376,10 +418,12 @@ def test_inpainting_keeps_prior_values_exactly(solver):
 # ---- training -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("time,predict", [("discrete", "eps"), ("continuous", "x0")])
-def test_update_and_ema_lower_the_loss_on_a_fixed_batch(time, predict):
+@pytest.mark.parametrize("time,schedule,predict", [("discrete", "cosine", "eps"), ("continuous", "cosine", "x0"),
+                                                   ("continuous", "flow", "v")])
+def test_update_and_ema_lower_the_loss_on_a_fixed_batch(time, schedule, predict):
     torch.manual_seed(0)
-    model = DiffusionModel(ConditionalMLP(2, 3), time=time, predict=predict, lr=3e-3, ema_rate=0.9, device="cpu")
+    model = DiffusionModel(ConditionalMLP(2, 3), time=time, schedule=schedule, predict=predict, lr=3e-3,
+                           ema_rate=0.9, device="cpu")
     x0, cond = torch.randn(256, 2) * 0.5 + 1.0, torch.randn(256, 3)
 
     def fixed_loss(net):
@@ -469,14 +513,39 @@ def test_classifier_free_guidance_end_to_end_with_label_dropout():
     assert abs(uncond.mean().item()) < 0.3 and 0.3 < (uncond > 0).float().mean().item() < 0.7
 
 
-@pytest.mark.parametrize("predict", ["eps", "x0"])
-def test_folded_conversion_matches_explicit_conversion(float64, predict):
-    """Single-output rules fold eps <-> x0 into their coefficients unless clipping needs x0 explicitly."""
-    folded = exact_model("discrete", "cosine", predict)
-    explicit = exact_model("discrete", "cosine", predict)
+@pytest.mark.parametrize("time,schedule,predict", [("discrete", "cosine", "eps"), ("discrete", "cosine", "x0"),
+                                                   ("continuous", "flow", "v"), ("continuous", "linear", "v")])
+def test_folded_conversion_matches_explicit_conversion(float64, time, schedule, predict):
+    """Single-output rules fold the conversion of the network's output into their coefficients unless
+    clipping needs x0 explicitly."""
+    folded = exact_model(time, schedule, predict)
+    explicit = exact_model(time, schedule, predict)
     explicit.x_min, explicit.x_max = torch.tensor(-1e9), torch.tensor(1e9)  # a clip that never bites
     x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(4))
     for solver in SOLVERS:
         a, b = (m.sample(torch.zeros(64, 2), solver=solver, steps=8, x_T=x_T,
                          generator=torch.Generator().manual_seed(5))[0] for m in (folded, explicit))
         assert torch.allclose(a, b, atol=1e-8), solver
+
+
+def test_toy2d_trains_a_flow_matching_model_that_every_solver_samples(tmp_path):
+    """pipelines/toy2d.py with `model.schedule=flow model.predict=v`: after 600 updates the samples are
+    within a few noise floors of the 8-mode mixture at 5 and 20 steps, for ODE, SDE and classic solvers."""
+    import sys
+    from pathlib import Path
+
+    from cleandiff_rl.training import compose_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    try:
+        import toy2d
+    finally:
+        sys.path.pop(0)
+    cfg = compose_config(["model.schedule=flow", "model.predict=v", "train.steps=600", "data.n_eval=1000",
+                          "sample.solvers=[ddim,ode_dpmsolver++_2M,heun,sde_dpmsolver++_1]", "sample.steps=[1,5,20]",
+                          "device=cpu"], config_name="toy2d")
+    rows, floor = toy2d.run(cfg, tmp_path)
+    sw = {(r["solver"], r["steps"]): r["sliced_wasserstein"] for r in rows}
+    assert all(sw[solver, 20] < 3 * floor for solver in cfg.sample.solvers), (sw, floor)
+    assert all(sw[solver, 1] > 5 * floor for solver in cfg.sample.solvers)  # one step: the mean, not the modes
+    assert (tmp_path / "samples.png").stat().st_size > 10_000 and (tmp_path / "results.csv").exists()

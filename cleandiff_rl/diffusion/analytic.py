@@ -18,8 +18,8 @@ from cleandiff_rl.diffusion.solvers import get_solver
 
 
 class GaussianScore(nn.Module):
-    """Exact eps- or x0-prediction for x0 ~ N(m, s^2 I) under `schedule`:
-    eps* = sigma (x - alpha m) / v and x0* = m + alpha s^2 (x - alpha m) / v, v = alpha^2 s^2 + sigma^2."""
+    """Exact eps-, x0- or v-prediction for x0 ~ N(m, s^2 I) under `schedule`: with var = alpha^2 s^2 + sigma^2,
+    eps* = sigma (x - alpha m) / var, x0* = m + alpha s^2 (x - alpha m) / var, v* = alpha' x0* + sigma' eps*."""
 
     def __init__(self, schedule: NoiseSchedule, m: float, s: float, predict: str):
         super().__init__()
@@ -31,10 +31,13 @@ class GaussianScore(nn.Module):
             t = t[:1]
         alpha = self.schedule.alpha(t).to(x.dtype).view(shape)
         sigma = self.schedule.sigma(t).to(x.dtype).view(shape)
-        v = alpha**2 * self.s**2 + sigma**2
-        if self.predict == "eps":
-            return sigma * (x - alpha * self.m) / v
-        return self.m + alpha * self.s**2 * (x - alpha * self.m) / v
+        var = alpha**2 * self.s**2 + sigma**2
+        eps = sigma * (x - alpha * self.m) / var
+        x0 = self.m + alpha * self.s**2 * (x - alpha * self.m) / var
+        if self.predict != "v":
+            return eps if self.predict == "eps" else x0
+        d_alpha, d_sigma = (d.to(x.dtype).view(shape) for d in self.schedule.velocity(t))
+        return d_alpha * x0 + d_sigma * eps
 
 
 def exact_model(time: str, schedule: str, predict: str, m: float = 0.5, s: float = 0.3,

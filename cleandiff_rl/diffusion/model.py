@@ -18,10 +18,12 @@ from cleandiff_rl.diffusion.schedules import make_schedule
 from cleandiff_rl.diffusion.solvers import SOLVERS, Level, Solver, get_solver, level_at, time_grid
 from cleandiff_rl.utils import finite_floats, optimizer_step, resolve_device
 
-PREDICTIONS = ("eps", "x0")
+PREDICTIONS = ("eps", "x0", "v")
 
 
 def _min_snr(alpha: Tensor, sigma: Tensor, predict: str, gamma: float = 5.0) -> Tensor:
+    if predict == "v":
+        raise ValueError("time_weighting='min_snr' is defined for predict='eps' or 'x0'")
     snr = (alpha / sigma) ** 2
     return snr.clamp(max=gamma) / (snr if predict == "eps" else 1.0)
 
@@ -74,42 +76,41 @@ class _Denoiser:
         else:
             out = self.backbone(x, self.times(level.t, n, x.dtype), self.condition)
         self.nfe += 1
-        if self.w_cg:
-            out = self._classifier_guidance(x, level, out)
         native = self.predict
+        if self.w_cg:
+            out, native = self._classifier_guidance(x, level, self._convert(x, out, level, native, "eps")), "eps"
         if self.clip:
             out, native = self._convert(x, out, level, native, "x0").clamp(self.x_min, self.x_max), "x0"
         return self._convert(x, out, level, native, param)
 
-    def _classifier_guidance(self, x: Tensor, level: Level, out: Tensor) -> Tensor:
-        """Shift by grad log p(y | x_t): eps - w sigma grad, or x0 + w sigma^2 / alpha grad."""
+    def _classifier_guidance(self, x: Tensor, level: Level, eps: Tensor) -> Tensor:
+        """Shift the eps prediction by the gradient of log p(y | x_t): eps - w sigma grad."""
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             log_p = self.classifier(x_in, self.times(level.t, x.shape[0], x.dtype), self.condition_cg)
             grad = torch.autograd.grad(log_p.sum(), x_in)[0]
         self.classifier_calls += 1
-        if self.predict == "eps":
-            return out - (self.w_cg * level.sigma) * grad
-        return out + (self.w_cg * level.sigma**2 / level.alpha) * grad
+        return eps - (self.w_cg * level.sigma) * grad
 
     @staticmethod
     def _convert(x: Tensor, out: Tensor, level: Level, src: str, dst: str) -> Tensor:
+        """`out` (in form `src`) in form `dst`: a linear map of (x, out), see `Level.conversion`."""
         if src == dst:
             return out
-        if dst == "x0":  # x0 = (x - sigma eps) / alpha
-            return torch.add(x, out, alpha=-level.sigma).mul_(1.0 / level.alpha)
-        return torch.add(x, out, alpha=-level.alpha).mul_(1.0 / level.sigma)  # eps = (x - alpha x0) / sigma
+        c_x, c_out = level.conversion(src, dst)
+        return out.mul(c_out).add_(x, alpha=c_x)
 
 
 class DiffusionModel(nn.Module):
     """A diffusion model over tensors shaped `(batch, *x_shape)`.
 
     Args:
-        nn_diffusion: backbone with `forward(x, t, condition=None)` returning the eps or x0 prediction.
+        nn_diffusion: backbone with `forward(x, t, condition=None)` returning the eps, x0 or v prediction.
         nn_condition: encoder with `forward(condition, mask=None)`; None passes conditions through.
         time / schedule / diffusion_steps: "discrete" (T = diffusion_steps integer steps) or
-            "continuous" time; "linear" or "cosine" VP, or "ve" (continuous only).
-        predict: "eps" or "x0", what the backbone outputs.
+            "continuous" time; "linear" or "cosine" VP, or "ve" or the rectified "flow" (continuous only).
+        predict: what the backbone outputs: "eps", "x0", or "v", the velocity dx_t/dt = alpha' x0 + sigma' eps
+            (continuous time; eps - x0 on the flow schedule, i.e. flow matching).
         fix_mask: `x_shape` tensor, 1 where values are given (inpainting): kept from `x0` in training
             (and excluded from the loss) and from `prior` in sampling.
         loss_weight: `x_shape` tensor of per-element weights of the squared error.
@@ -139,6 +140,8 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"ema_rate must lie in [0, 1), got {ema_rate}")
         self.register_buffer("_anchor", torch.empty(0), persistent=False)  # tracks .to(device)
         self.schedule = make_schedule(time, schedule, diffusion_steps, **(schedule_kwargs or {}))
+        if predict == "v" and self.schedule.kind == "discrete":
+            raise ValueError("predict='v' (the velocity dx_t/dt) needs time='continuous'")
         self.predict, self.time_weighting = predict, time_weighting
         self.ema_rate, self.ema_every, self.ema_start = ema_rate, ema_every, ema_start
         self.grad_clip_norm = grad_clip_norm
@@ -193,12 +196,20 @@ class DiffusionModel(nn.Module):
         if condition is not None and encoder is not None:
             condition = encoder(condition)  # train mode: CFG label dropout happens here
         out = self.model["diffusion"](self._mix(x0, eps, alpha, sigma), t, condition)
-        err = (out - (eps if self.predict == "eps" else x0)) ** 2
+        err = (out - self._target(x0, eps, t)) ** 2
         if self.loss_weight is not None:
             err = err * self.loss_weight
         if self.fix_mask is not None:
             err = err * (~self.fix_mask)
         return (err * TIME_WEIGHTINGS[self.time_weighting](alpha, sigma, self.predict)).mean()
+
+    def _target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """What the network learns to output: eps, x0, or the velocity v = alpha'(t) x0 + sigma'(t) eps."""
+        if self.predict != "v":
+            return eps if self.predict == "eps" else x0
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        d_alpha, d_sigma = (d.to(x0.dtype).view(shape) for d in self.schedule.velocity(t))
+        return d_alpha * x0 + d_sigma * eps
 
     def update(self, x0: Tensor, condition: Tensor | None = None) -> dict[str, float]:
         """One optimizer step on `loss`, gradient clipping if set, then the EMA update."""

@@ -9,7 +9,11 @@ Every schedule answers `alpha(t)`, `sigma(t)`, `log_snr(t)` (lambda = log(alpha 
 * continuous time: floats in [t_min, t_max] for training; samplers start at t_max and end at
   `t_clean` = 0.
 
-VP schedules keep alpha^2 + sigma^2 = 1; VE keeps alpha = 1 and grows sigma geometrically.
+VP schedules keep alpha^2 + sigma^2 = 1; VE keeps alpha = 1 and grows sigma geometrically; the
+rectified flow ("flow") is the straight path alpha = 1 - t, sigma = t of flow matching.
+
+Continuous schedules also give the velocity coefficients (alpha'(t), sigma'(t)): a network with
+`predict="v"` outputs v = dx_t/dt = alpha' x_0 + sigma' eps (eps - x_0 on the flow).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-SCHEDULES = ("linear", "cosine", "ve")
+SCHEDULES = ("linear", "cosine", "ve", "flow")
 TIME_KINDS = ("discrete", "continuous")
 
 
@@ -59,6 +63,20 @@ class NoiseSchedule:
     def sample_t(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
         """Training times: uniform over the indices (discrete) or over [t_min, t_max] (continuous)."""
         raise NotImplementedError
+
+    def velocity(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha'(t), sigma'(t)), the coefficients of v = dx_t/dt = alpha' x_0 + sigma' eps.
+
+        By automatic differentiation of `alpha` and `sigma`; a schedule with closed forms overrides it.
+        Continuous time only: a table of discrete steps has no time derivative.
+        """
+        if self.kind == "discrete":
+            raise ValueError("velocity prediction (predict='v') needs continuous time: v = dx_t/dt")
+        with torch.enable_grad():
+            t = torch.as_tensor(t, dtype=torch.float64).detach().requires_grad_(True)
+            d_alpha = torch.autograd.grad(self.alpha(t).sum(), t)[0]
+            d_sigma = torch.autograd.grad(self.sigma(t).sum(), t)[0]
+        return d_alpha, d_sigma
 
 
 def _log_sigma_vp(log_alpha: Tensor) -> Tensor:
@@ -218,6 +236,43 @@ class VE(ContinuousSchedule):
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
         return (-torch.as_tensor(lam, dtype=torch.float64) - math.log(self.sigma_min)) / self._log_ratio
 
+    def velocity(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        sigma = self.sigma(torch.as_tensor(t, dtype=torch.float64))
+        return torch.zeros_like(sigma), sigma * self._log_ratio
+
+
+class Flow(ContinuousSchedule):
+    """Rectified flow (flow matching): x_t = (1 - t) x_0 + t eps, velocity v = eps - x_0.
+
+    alpha(1) = 0, so log-SNR is -inf at t = 1 and x_0 = (x - sigma eps) / alpha is undefined there:
+    training covers [t_min, 1], but sampling grids start at `t_start` = 0.99 (alpha = 0.01, log-SNR
+    -4.6), as the cosine schedule stops at alpha = 0.008 (log-SNR -4.8) for the same reason.
+    """
+
+    def __init__(self, t_min: float = 1e-3, t_start: float = 0.99):
+        super().__init__(t_min, 1.0)
+        if not t_min < t_start < 1.0:
+            raise ValueError(f"the flow schedule needs t_min < t_start < 1, got t_min={t_min}, t_start={t_start}")
+        self.name = "flow"
+        self._t_start = t_start
+
+    @property
+    def t_start(self) -> float:
+        return self._t_start
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return torch.log1p(-torch.as_tensor(t))
+
+    def log_sigma(self, t: Tensor) -> Tensor:
+        return torch.log(torch.as_tensor(t))
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        return torch.sigmoid(-torch.as_tensor(lam, dtype=torch.float64))  # (1 - t) / t = e^lambda
+
+    def velocity(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.full_like(t, -1.0), torch.ones_like(t)
+
 
 def discrete_vp_linear(T: int, beta_min: float = 0.1, beta_max: float = 20.0) -> DiscreteSchedule:
     """The VP-SDE with linear beta discretised to T steps (DDPM's 1e-4..0.02 at T = 1000; DQL/IDQL's 'vp').
@@ -256,10 +311,10 @@ def make_schedule(time: str = "discrete", schedule: str = "cosine", diffusion_st
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     if time == "discrete":
-        if schedule == "ve":
-            raise ValueError("the VE schedule is continuous-time only; use time='continuous'")
+        if schedule in ("ve", "flow"):
+            raise ValueError(f"the {schedule!r} schedule is continuous-time only; use time='continuous'")
         if diffusion_steps < 1:
             raise ValueError(f"diffusion_steps must be >= 1, got {diffusion_steps}")
         build = discrete_vp_linear if schedule == "linear" else discrete_vp_cosine
         return build(diffusion_steps, **kwargs)
-    return {"linear": VPLinear, "cosine": VPCosine, "ve": VE}[schedule](**kwargs)
+    return {"linear": VPLinear, "cosine": VPCosine, "ve": VE, "flow": Flow}[schedule](**kwargs)

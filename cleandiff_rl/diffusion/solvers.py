@@ -31,22 +31,42 @@ STEP_SCHEDULES = ("uniform", "quad", "logsnr")
 
 @dataclass(frozen=True)
 class Level:
-    """One noise level: the network time `t` and alpha, sigma, lambda there (python floats)."""
+    """One noise level: the network time `t`, alpha, sigma and lambda there, and (continuous time
+    only) the velocity coefficients alpha'(t), sigma'(t); python floats."""
 
     t: float
     alpha: float
     sigma: float
     log_snr: float
+    d_alpha: float = math.nan
+    d_sigma: float = math.nan
 
     @property
     def rho(self) -> float:
         return self.sigma / self.alpha
 
+    def conversion(self, src: str, dst: str) -> tuple[float, float]:
+        """(c_x, c_out) such that the `dst` form ("eps" or "x0") is c_x * x + c_out * out, for a network
+        output `out` in the `src` form: x0 = (x - sigma eps) / alpha, eps = (x - alpha x0) / sigma, and
+        for v = alpha' x0 + sigma' eps: x0 = (sigma' x - sigma v) / d, eps = (alpha v - alpha' x) / d,
+        d = alpha sigma' - sigma alpha' (1 on the flow schedule)."""
+        if src == dst:
+            return 0.0, 1.0
+        if src == "v":
+            d = self.alpha * self.d_sigma - self.sigma * self.d_alpha
+            return (self.d_sigma / d, -self.sigma / d) if dst == "x0" else (-self.d_alpha / d, self.alpha / d)
+        if dst == "x0":
+            return 1.0 / self.alpha, -self.sigma / self.alpha
+        return 1.0 / self.sigma, -self.alpha / self.sigma
+
 
 def level_at(schedule: NoiseSchedule, t: float) -> Level:
     tt = torch.tensor(t, dtype=torch.long if schedule.kind == "discrete" else torch.float64)
     la, ls = schedule.log_alpha(tt).double(), schedule.log_sigma(tt).double()
-    return Level(t, math.exp(la), math.exp(ls), float(la - ls))
+    if schedule.kind == "discrete":
+        return Level(t, math.exp(la), math.exp(ls), float(la - ls))
+    d_alpha, d_sigma = schedule.velocity(tt)
+    return Level(t, math.exp(la), math.exp(ls), float(la - ls), float(d_alpha), float(d_sigma))
 
 
 def time_grid(schedule: NoiseSchedule, steps: int, step_schedule: str = "uniform") -> list[float]:
@@ -112,13 +132,12 @@ class LinearStep:
     noise: float = 0.0
     param: str | None = None
 
-    def fold_into(self, level: Level, native: str) -> "LinearStep":
-        """The same single-output step on the network's native output, the conversion folded in:
-        x0 = (x - sigma eps) / alpha and eps = (x - alpha x0) / sigma are linear in (x, D)."""
+    def fold_into(self, level: Level, param: str, native: str) -> "LinearStep":
+        """The same single-output step, combining `param`, on the network's native output (eps, x0 or
+        v) instead: the conversion is linear in (x, native output) and folds in, see `Level.conversion`."""
         (b0,) = self.b
-        if native == "eps":  # b0 x0 = (b0 / alpha) x - (b0 sigma / alpha) eps
-            return LinearStep(self.a + b0 / level.alpha, (-b0 * level.sigma / level.alpha,), self.noise, native)
-        return LinearStep(self.a + b0 / level.sigma, (-b0 * level.alpha / level.sigma,), self.noise, native)
+        c_x, c_out = level.conversion(native, param)
+        return LinearStep(self.a + b0 * c_x, (b0 * c_out,), self.noise, native)
 
 
 def _expm1_neg(h: float) -> float:
@@ -145,7 +164,7 @@ class Solver:
         coefs = [self.coefficients(schedule, levels, i) for i in range(len(levels) - 1)]
         if native in (None, self.param) or self.history > 1 or type(self).step is not Solver.step:
             return coefs
-        return [c.fold_into(level, native) for c, level in zip(coefs, levels)]
+        return [c.fold_into(level, self.param, native) for c, level in zip(coefs, levels)]
 
     def coefficients(self, schedule: NoiseSchedule, levels: list[Level], i: int) -> LinearStep:
         raise NotImplementedError

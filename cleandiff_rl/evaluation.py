@@ -134,11 +134,12 @@ def network_calls(policy: Agent) -> dict[str, Any]:
 
     A classifier-free-guidance step is one backbone call when its two passes are batched together
     (`cfg_batched`, the default) and would be two otherwise; `guidance_calls` counts the value
-    (classifier) gradients inside nfe. Scoring the finished candidates (a critic or value pass) is not counted.
+    (classifier) gradients inside nfe. A one-step actor (FQL) counts 1. Scoring the finished candidates
+    (a critic or value pass) is not counted. None for a policy that records no sampling (BC).
     """
-    if not policy.is_diffusion:
-        return {"nfe": None, "guidance_calls": None, "cfg_batched": None}
     log = policy.last_sample_log
+    if not log:
+        return {"nfe": None, "guidance_calls": None, "cfg_batched": None}
     guidance = log.get("classifier_calls", 0)
     return {"nfe": log["nfe"] + guidance, "guidance_calls": guidance, "cfg_batched": log.get("cfg_batched", False)}
 
@@ -168,7 +169,8 @@ def sweep(policy: Agent, env_id: str | None = None, *, solvers: Sequence[str] = 
     writer: a SummaryWriter; scalars sweep/{score,return,time_per_action_ms}/<solver> against NFE.
     """
     if not policy.is_diffusion:
-        raise ValueError(f"sweep needs a diffusion policy; {policy.name!r} has no solver or steps (use evaluate)")
+        raise ValueError(f"sweep needs a diffusion policy; {policy.name!r} acts without a solver or steps "
+                         "(use evaluate; an FQL checkpoint sweeps its flow policy with +settings.acting=flow)")
     solvers, steps = list(solvers), list(steps)
     for name in solvers:
         get_solver(name)
@@ -206,13 +208,15 @@ def sweep(policy: Agent, env_id: str | None = None, *, solvers: Sequence[str] = 
 
 def sweep_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tb_dir: str | os.PathLike, *,
                      device: str = "auto", env_id: str | None = None, temperature: float | None = None,
-                     **kwargs: Any) -> list[dict]:
+                     settings: dict | None = None, **kwargs: Any) -> list[dict]:
     """Load a checkpoint and `sweep` it: tables in `out_dir`, TensorBoard scalars in `tb_dir`.
 
-    temperature: the initial-noise scale (None = the checkpoint's). kwargs go to `sweep` (solvers,
-    steps, episodes, seed, progress).
+    temperature: the initial-noise scale (None = the checkpoint's). settings: other act-time settings
+    (`Agent.with_settings`, e.g. {"acting": "flow"} to sweep FQL's flow policy). kwargs go to `sweep`
+    (solvers, steps, episodes, seed, progress).
     """
     policy = load_policy(str(checkpoint), device, temperature=temperature, threads=None)  # the caller's threads
+    policy.with_settings(settings or {})
     writer = SummaryWriter(str(tb_dir))
     try:
         return sweep(policy, env_id, out_dir=out_dir, writer=writer, **kwargs)

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from cleandiff_rl.agents import Agent, get_algorithm, load_policy
+from cleandiff_rl.agents import get_algorithm, load_policy
 from cleandiff_rl.data import normalized_score, read_episodes
 from cleandiff_rl.data.registry import build_command, datasets_root, parse_id, task_of
 from cleandiff_rl.evaluation import evaluate
@@ -139,16 +139,6 @@ def train_cell(dataset: Dataset, overrides: list[str], run_dir: Path, log: Path)
             "batch_size": state["run_config"]["batch_size"]}
 
 
-def with_settings(policy: Agent, settings: dict) -> Agent:
-    """`policy` acting with other settings: solver / steps / temperature, or any field of its config."""
-    sampling = {key: settings.pop(key) for key in ("solver", "steps", "temperature") if key in settings}
-    for key, value in settings.items():
-        if not hasattr(policy.config, key):
-            raise ValueError(f"{policy.name} has no setting {key!r}")
-        setattr(policy.config, key, value)
-    return policy.set_sampling(**sampling)
-
-
 def dataset_average(dataset_id: str) -> float:
     """The mean normalized score of the dataset's own episodes."""
     episodes = read_episodes(dataset_id)
@@ -243,7 +233,7 @@ def main(cfg: DictConfig) -> None:
         if cached is not None and cached["key"] == key:
             result = cached["result"]
         else:
-            policy = with_settings(load_policy(str(out / d.name / algo / "checkpoint.pt"), cfg.device), dict(settings))
+            policy = load_policy(str(out / d.name / algo / "checkpoint.pt"), cfg.device).with_settings(settings)
             result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
             atomic_write(cache, lambda f: json.dump({"key": key, "result": result}, f))
         return {"dataset": d.name, "dataset_id": d.id, "label": label, "algo": algo, "steps": int(cfg.steps[algo]),

@@ -21,7 +21,8 @@ OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).reso
 def run_sweep(cfg: DictConfig) -> list[dict]:
     """Load `cfg.checkpoint` and sweep it; tables in `cfg.run_dir`, TensorBoard in `cfg.run_dir`/tb."""
     return sweep_checkpoint(cfg.checkpoint, cfg.run_dir, Path(cfg.run_dir) / "tb", device=cfg.device,
-                            env_id=cfg.env_id, temperature=cfg.temperature, solvers=list(cfg.solvers), steps=list(cfg.steps),
+                            env_id=cfg.env_id, temperature=cfg.temperature,
+                            settings=OmegaConf.to_container(cfg.settings), solvers=list(cfg.solvers), steps=list(cfg.steps),
                             episodes=cfg.episodes, seed=cfg.seed)
 
 

@@ -31,6 +31,7 @@ SMALL = {  # tiny networks, so each test trains in seconds
     "diffusion_bc": {"hidden_dim": 32},
     "dql": {"hidden_dim": 32, "critic_hidden": 32, "num_candidates": 4},
     "idql": {"hidden_dim": 32, "critic_hidden": 32, "num_candidates": 4},
+    "fql": {"hidden_dim": 32},
     "diffuser": {"horizon": 8, "model_dim": 16, "dim_mults": [1, 2], "num_candidates": 4, "sampling_steps": 5},
     "decision_diffuser": {"horizon": 8, "d_model": 32, "n_heads": 2, "depth": 1, "inv_hidden": 32,
                           "sampling_steps": 5},
@@ -149,8 +150,44 @@ def test_losses_fall(minari_root):
         data.data["act"] = agent.normalize_action(env_actions)
         agent.prepare(data)
         gen = torch.Generator().manual_seed(0)
-        history = [agent.update(data.sample(128, gen))["actor/bc_loss"] for _ in range(150)]
+        key = "flow/bc_loss" if name == "fql" else "actor/bc_loss"
+        history = [agent.update(data.sample(128, gen))[key] for _ in range(150)]
         assert np.mean(history[-20:]) < 0.7 * np.mean(history[:5]), (name, history[:5], history[-20:])
+
+
+def test_fql_distils_the_flow_into_a_one_step_actor_that_acts_in_one_call(minari_root):
+    """FQL's one-step actor learns the BC flow's ODE map (noise -> action) while the flow learns the data;
+    `act` then makes one network call, recorded as 1 NFE, and `acting: flow` samples the flow instead."""
+    from cleandiff_rl.data import TransitionDataset
+    from cleandiff_rl.evaluation import network_calls
+
+    pendulum_dataset("test/pendulum/expert-v0", n_steps=2000)
+    data = TransitionDataset("test/pendulum/expert-v0", device="cpu")
+    torch.manual_seed(0)
+    agent = get_algorithm("fql")(4, 1, {**SMALL["fql"], "alpha": 100.0}, action_bounds=([-3.0], [3.0]),
+                                 device="cpu")
+    data.data["act"] = agent.normalize_action(data.data["act"])
+    gen = torch.Generator().manual_seed(0)
+    history = [agent.update(data.sample(128, gen)) for _ in range(300)]
+    distill = [m["actor/distill_loss"] for m in history]
+    assert np.mean(distill[-20:]) < 0.3 * np.max(distill[:20]), (distill[:5], distill[-5:])
+    batch = data.sample(256, gen)
+    noise = torch.randn(256, 1, generator=gen)
+    with torch.no_grad():
+        teacher, _ = agent.flow.sample(torch.zeros(256, 1), solver="ddim", steps=10, x_T=noise * 0.99,
+                                       condition_cfg=batch["obs"])
+        gap = (agent.one_step(batch["obs"], noise) - teacher.clamp(-1, 1)).abs().mean().item()
+    assert gap < 0.1 * teacher.std().item() + 0.05, gap
+
+    calls = {"actor": 0, "flow": 0}
+    agent.actor.register_forward_hook(lambda *_: calls.__setitem__("actor", calls["actor"] + 1))
+    agent.flow.model_ema["diffusion"].register_forward_hook(lambda *_: calls.__setitem__("flow", calls["flow"] + 1))
+    agent.act(np.zeros((5, 4)))
+    assert calls == {"actor": 1, "flow": 0} and network_calls(agent)["nfe"] == 1
+    agent.config.acting = "flow"
+    assert agent.is_diffusion
+    agent.act(np.zeros((5, 4)), solver="ode_dpmsolver++_2M", steps=3)
+    assert calls == {"actor": 1, "flow": 3} and network_calls(agent)["nfe"] == 3
 
 
 def test_dql_q_loss_only_reaches_levels_the_bc_loss_trains():
@@ -276,7 +313,7 @@ def test_cuda_graph_replay_trains_like_eager_updates(algo):
                 torch.testing.assert_close(graphed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("algo", ["dql", "idql", "diffusion_bc", "bc"])
+@pytest.mark.parametrize("algo", ["dql", "idql", "fql", "diffusion_bc", "bc"])
 def test_cpu_fast_paths_leave_losses_weights_and_actions_unchanged(algo):
     """The CPU speed-ups (Mish from one sigmoid, fused Adam: `utils.fast`) train and act like torch's
     default kernels to float rounding: the same metrics, weights and actions after a few updates."""

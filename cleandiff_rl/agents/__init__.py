@@ -1,5 +1,5 @@
-"""Offline-RL agents on the diffusion core: the policies Diffusion BC, Diffusion-QL, IDQL (and plain BC as a
-baseline) and the planners Diffuser and Decision Diffuser.
+"""Offline-RL agents on the diffusion core: the policies Diffusion BC, Diffusion-QL, IDQL, FQL (and plain BC
+as a baseline) and the planners Diffuser and Decision Diffuser.
 
 Each algorithm reads top to bottom in its own module; `Agent` (base.py) holds what they share.
 """
@@ -14,9 +14,10 @@ from cleandiff_rl.agents.decision_diffuser import DecisionDiffuser
 from cleandiff_rl.agents.diffuser import Diffuser
 from cleandiff_rl.agents.diffusion_bc import DiffusionBC
 from cleandiff_rl.agents.diffusion_ql import DiffusionQL
+from cleandiff_rl.agents.fql import FQL
 from cleandiff_rl.agents.idql import IDQL
 
-ALGORITHMS: dict[str, type[Agent]] = {cls.name: cls for cls in (DiffusionBC, DiffusionQL, IDQL, BC, Diffuser,
+ALGORITHMS: dict[str, type[Agent]] = {cls.name: cls for cls in (DiffusionBC, DiffusionQL, IDQL, FQL, BC, Diffuser,
                                                                  DecisionDiffuser)}
 
 
@@ -44,5 +45,5 @@ def load_policy(path: str, device: str = "auto", *, solver: str | None = None, s
     return policy
 
 
-__all__ = ["ALGORITHMS", "BC", "IDQL", "Agent", "DecisionDiffuser", "Diffuser", "DiffusionBC", "DiffusionQL",
+__all__ = ["ALGORITHMS", "BC", "FQL", "IDQL", "Agent", "DecisionDiffuser", "Diffuser", "DiffusionBC", "DiffusionQL",
            "get_algorithm", "load_policy", "make_config"]

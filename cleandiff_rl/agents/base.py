@@ -173,6 +173,17 @@ class Agent(nn.Module):
             self.steps = steps
         return self
 
+    def with_settings(self, settings: dict[str, Any]) -> Agent:
+        """Act with other settings: solver / steps / temperature, or any field of the config (e.g. IDQL's
+        `selection`, FQL's `acting`); an unknown key is one clear error. Returns self."""
+        settings = dict(settings)
+        sampling = {key: settings.pop(key) for key in ("solver", "steps", "temperature") if key in settings}
+        for key, value in settings.items():
+            if not hasattr(self.config, key):
+                raise ValueError(f"{self.name} has no setting {key!r}")
+            setattr(self.config, key, value)
+        return self.set_sampling(**sampling)
+
     @torch.no_grad()
     def act(self, obs: np.ndarray | Tensor, *, solver: str | None = None, steps: int | None = None,
             generator: torch.Generator | None = None) -> np.ndarray:

@@ -70,10 +70,11 @@ def diffusion_actor(cfg: DiffusionActorConfig, backbone: nn.Module, *, grad_clip
 class TwinQ(nn.Module):
     """Two independent Q(s, a) MLPs (clipped double Q)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256, 256), act: str = "mish"):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int] = (256, 256, 256), act: str = "mish",
+                 layer_norm: bool = False):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, hidden_dims, 1, act)
-        self.q2 = mlp(obs_dim + act_dim, hidden_dims, 1, act)
+        self.q1 = mlp(obs_dim + act_dim, hidden_dims, 1, act, layer_norm)
+        self.q2 = mlp(obs_dim + act_dim, hidden_dims, 1, act, layer_norm)
 
     def forward(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         x = torch.cat([obs, action], -1)

@@ -10,11 +10,11 @@ from .conditions import IdentityCondition, MLPCondition
 from .dit import DiT1d
 from .embeddings import TIME_SCALE, FourierEmbedding, SinusoidalEmbedding, TimeConditionEmbedding, TimeMLP
 from .layers import Mish, activation, mlp
-from .mlp import DQLMlp, IDQLMlp
+from .mlp import DQLMlp, FlowMlp, IDQLMlp
 from .unet import HalfJannerUNet1d, JannerUNet1d
 
 __all__ = [
     "TIME_SCALE", "SinusoidalEmbedding", "FourierEmbedding", "TimeMLP", "TimeConditionEmbedding",
-    "IdentityCondition", "MLPCondition", "DQLMlp", "IDQLMlp", "JannerUNet1d", "HalfJannerUNet1d", "DiT1d",
+    "IdentityCondition", "MLPCondition", "DQLMlp", "IDQLMlp", "FlowMlp", "JannerUNet1d", "HalfJannerUNet1d", "DiT1d",
     "Mish", "activation", "mlp",
 ]

@@ -69,11 +69,12 @@ def activation(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
 
 
-def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, act: str = "mish") -> nn.Sequential:
-    """in -> [Linear -> act] per hidden width -> Linear(out); no activation on the output."""
+def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, act: str = "mish",
+        layer_norm: bool = False) -> nn.Sequential:
+    """in -> [Linear -> (LayerNorm) -> act] per hidden width -> Linear(out); no activation on the output."""
     dims = [in_dim, *hidden_dims]
     layers: list[nn.Module] = []
     for d_in, d_out in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(d_in, d_out), activation(act)]
+        layers += [nn.Linear(d_in, d_out), *([nn.LayerNorm(d_out)] if layer_norm else []), activation(act)]
     layers.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)

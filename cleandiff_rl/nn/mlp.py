@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .embeddings import TimeMLP
-from .layers import Mish, activation
+from .layers import Mish, activation, mlp
 
 
 class _MLPBackbone(nn.Module):
@@ -82,3 +82,19 @@ class IDQLMlp(_MLPBackbone):
             activation(act),
             nn.Linear(hidden_dim, x_dim),
         )
+
+
+class FlowMlp(nn.Module):
+    """FQL's velocity field (Park et al. 2025): concat[condition, x, t] -> n_layers x (Linear hidden_dim +
+    GELU) -> Linear(x_dim). The time enters as the raw scalar in [0, 1], with no embedding."""
+
+    def __init__(self, x_dim: int, cond_dim: int = 0, hidden_dim: int = 512, n_layers: int = 4, act: str = "gelu"):
+        super().__init__()
+        self.cond_dim = cond_dim
+        self.net = mlp(x_dim + 1 + cond_dim, (hidden_dim,) * n_layers, x_dim, act)
+
+    def forward(self, x: Tensor, t: Tensor, condition: Tensor | None = None) -> Tensor:
+        if self.cond_dim and condition is None:
+            condition = x.new_zeros(x.shape[0], self.cond_dim)
+        parts = [x, t.to(x.dtype)[:, None]] + ([condition] if self.cond_dim else [])
+        return self.net(torch.cat(parts, -1))

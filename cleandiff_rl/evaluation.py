@@ -213,10 +213,13 @@ def sweep_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
 
     temperature: the initial-noise scale (None = the checkpoint's). settings: other act-time settings
     (`Agent.with_settings`, e.g. {"acting": "flow"} to sweep FQL's flow policy). kwargs go to `sweep`
-    (solvers, steps, episodes, seed, progress).
+    (solvers, steps, episodes, seed, progress). A rerun into the same `tb_dir` replaces the previous
+    sweep's TensorBoard scalars, as it replaces its tables.
     """
     policy = load_policy(str(checkpoint), device, temperature=temperature, threads=None)  # the caller's threads
     policy.with_settings(settings or {})
+    for previous in Path(tb_dir).glob("events.out.tfevents.*"):
+        previous.unlink()
     writer = SummaryWriter(str(tb_dir))
     try:
         return sweep(policy, env_id, out_dir=out_dir, writer=writer, **kwargs)

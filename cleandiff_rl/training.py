@@ -40,11 +40,20 @@ def run_name(dataset: str, task_name: str, task_dataset: str) -> str:
     return task_name if dataset == task_dataset else dataset.replace("/", "_")
 
 
+def checkpoint_name(path: str) -> str:
+    """The name evaluate and sweep give their folders for a checkpoint: its run folder and the one above
+    it ('dql-hopper-medium-seed0' for runs/train/dql/hopper-medium-seed0/checkpoint.pt,
+    'hopper-idql-seed0-train' for the quickstart's runs/quickstart/hopper-idql-seed0/train/checkpoint.pt)."""
+    folder = Path(str(path)).resolve().parent
+    return f"{folder.parent.name}-{folder.name}"
+
+
 def register_configs() -> None:
     """Store each algorithm's `Config` dataclass as the Hydra schema `algo_params/<name>`, so every
     setting can be overridden on the command line (`algo.params.lr=1e-4`) with its type checked; and
-    the `run_name` resolver configs/train.yaml names its run folder with."""
+    the resolvers the configs name their run folders with (`run_name`, `checkpoint_name`)."""
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("checkpoint_name", checkpoint_name, replace=True)
     store = ConfigStore.instance()
     for name, cls in ALGORITHMS.items():
         store.store(group="algo_params", name=name, node=cls.Config)
@@ -118,6 +127,9 @@ def train(cfg: DictConfig) -> Path:
         agent = new_agent(algo_cls, params, minari_dataset, data, env_id=env_id, device=device)
         start = 0
     else:
+        if resumed["step"] >= int(cfg.steps):  # nothing to train: no new TensorBoard event file either
+            print(f"{ckpt_path} already holds {resumed['step']} updates (steps={cfg.steps}): nothing to train")
+            return ckpt_path
         agent = algo_cls.from_checkpoint(resumed, device)
         start = resumed["step"]
         _set_rng_state(resumed["rng"], generator)

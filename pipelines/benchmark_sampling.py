@@ -13,7 +13,6 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -75,7 +74,8 @@ def print_table(rows: list[dict], key: str, fmt: str, title: str) -> None:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark_sampling")
 @user_errors
 def main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir = Path(cfg.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -35,7 +35,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cleandiff_rl.agents import get_algorithm, load_policy
-from cleandiff_rl.data import normalized_score, read_episodes
+from cleandiff_rl.data import dataset_average
 from cleandiff_rl.data.registry import build_command, datasets_root, parse_id, task_of
 from cleandiff_rl.evaluation import evaluate
 from cleandiff_rl.training import CONFIG_DIR, compose_config
@@ -137,13 +137,6 @@ def train_cell(dataset: Dataset, overrides: list[str], run_dir: Path, log: Path)
     wall = state["wall_seconds"]
     return {"wall_seconds": wall, "update_seconds": wall - state.get("eval_seconds", 0.0),
             "batch_size": state["run_config"]["batch_size"]}
-
-
-def dataset_average(dataset_id: str) -> float:
-    """The mean normalized score of the dataset's own episodes."""
-    episodes = read_episodes(dataset_id)
-    returns = np.add.reduceat(episodes.rew.astype(np.float64), episodes.starts)
-    return float(np.mean(normalized_score(dataset_id, returns)))
 
 
 def write_csv(f: TextIO, rows: list[dict]) -> None:

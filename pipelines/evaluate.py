@@ -10,14 +10,15 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cleandiff_rl.agents import load_policy
 from cleandiff_rl.evaluation import evaluate
 from cleandiff_rl.utils import atomic_write
+from cleandiff_rl.training import register_configs
 from cleandiff_rl.utils.cli import user_errors
 
-OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).resolve().parent.name, replace=True)
+register_configs()  # the checkpoint_name resolver of the run folder
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")

@@ -14,6 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from cleandiff_rl.data import dataset_average
 from cleandiff_rl.data.builder import build_datasets
 from cleandiff_rl.data.registry import dataset_id, datasets_root
 from cleandiff_rl.evaluation import format_table, sweep_checkpoint
@@ -39,9 +40,10 @@ def main(cfg: DictConfig) -> None:
         build_datasets(compose_config([f"env={cfg.env}", "make_dataset=quickstart", f"namespace={cfg.namespace}",
                                        f"seed={cfg.seed}", f"device={cfg.device}", f"run_dir={out / 'make_dataset'}"],
                                       config_name="make_dataset"))
-    print(f"      {time.perf_counter() - start:.0f} s")
+    average = dataset_average(data_id)
+    print(f"      dataset average score {average:.1f}; {time.perf_counter() - start:.0f} s")
 
-    print(f"[2/3] training {cfg.algo.name} for {cfg.train_steps} updates")
+    print(f"[2/3] {cfg.algo.name}, {cfg.train_steps} updates")
     checkpoint = train(compose_config([f"algo={cfg.algo.name}", f"dataset={data_id}", f"steps={cfg.train_steps}",
                                        f"batch_size={cfg.batch_size}", "eval_every=0", f"seed={cfg.seed}",
                                        f"device={cfg.device}", f"checkpoint_every={cfg.train_steps}",
@@ -53,6 +55,7 @@ def main(cfg: DictConfig) -> None:
     rows = sweep_checkpoint(checkpoint, out, out / "tb_sweep", device=cfg.device, solvers=list(cfg.solvers),
                             steps=list(cfg.steps), episodes=cfg.episodes, seed=cfg.seed)
     print(format_table(rows))
+    print(f"dataset {data_id}: its own episodes average score {average:.1f} (a policy should beat that)")
     print(f"\ndone in {(time.perf_counter() - start) / 60:.1f} min")
     print(f"checkpoint:  {checkpoint}\ntables:      {out / 'sweep.csv'}, {out / 'sweep.json'}")
     print(f"TensorBoard: tensorboard --logdir {out}")

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from cleandiff_rl.diffusion import SOLVERS, get_solver
+from cleandiff_rl.diffusion import SOLVERS, get_solver, time_grid
 from cleandiff_rl.diffusion.analytic import exact_model, fit_order, ode_error
 from cleandiff_rl.utils.cli import user_errors
 
@@ -25,15 +24,19 @@ from cleandiff_rl.utils.cli import user_errors
 @hydra.main(version_base="1.3", config_path="../configs", config_name="solver_convergence")
 @user_errors
 def main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    writer = SummaryWriter(str(out_dir / "tb"))
     torch.set_default_dtype(torch.float64)  # measure the solver, not float32 rounding
+    models = {}
+    for time, schedule, step_schedule in (tuple(s) for s in cfg.settings):  # bad settings fail before any output
+        models[time, schedule, step_schedule] = model = exact_model(time, schedule, "eps", cfg.m, cfg.s)
+        time_grid(model.schedule, 1, step_schedule)
+    out_dir = Path(cfg.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(out_dir / "tb"))
     ode = [n for n in SOLVERS if not get_solver(n).stochastic]
     sde = [n for n in SOLVERS if get_solver(n).stochastic]
     results = []
-    for time, schedule, step_schedule in tqdm([tuple(s) for s in cfg.settings], desc="settings"):
+    for (time, schedule, step_schedule), model in tqdm(models.items(), desc="settings"):
         setting = f"{time}/{schedule}/{step_schedule}"
-        model = exact_model(time, schedule, "eps", cfg.m, cfg.s)
         print(f"\n[{setting}] ODE: mean |x - x_end| at steps {list(cfg.ode_steps)}, fitted order in NFE")
         for solver in ode:
             runs = [ode_error(model, solver, n, step_schedule) for n in cfg.ode_steps]

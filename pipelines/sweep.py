@@ -13,9 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cleandiff_rl.evaluation import format_table, sweep_checkpoint
+from cleandiff_rl.training import register_configs
 from cleandiff_rl.utils.cli import user_errors
 
-OmegaConf.register_new_resolver("parent_name", lambda path: Path(str(path)).resolve().parent.name, replace=True)
+register_configs()  # the checkpoint_name resolver of the run folder
 
 
 def run_sweep(cfg: DictConfig) -> list[dict]:

@@ -19,7 +19,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from tqdm import trange  # noqa: E402
@@ -52,12 +51,13 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[list[dict], float]:
     distance between two independent samples of the true mixture)."""
     generator = seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    writer = SummaryWriter(str(out_dir / "tb"))
     d = cfg.data
     model = DiffusionModel(
         DQLMlp(2, emb_dim=cfg.model.emb_dim, hidden_dim=cfg.model.hidden_dim),
         time=cfg.model.time, schedule=cfg.model.schedule, diffusion_steps=cfg.model.diffusion_steps,
         predict=cfg.model.predict, ema_rate=cfg.model.ema_rate, lr=cfg.train.lr, device=cfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)  # a bad model setting failed above, before any output
+    writer = SummaryWriter(str(out_dir / "tb"))
 
     for step in (bar := trange(cfg.train.steps, desc="train")):
         x0 = mixture(cfg.train.batch_size, d.modes, d.radius, d.std, generator).to(model.device)
@@ -121,7 +121,7 @@ def print_table(rows: list[dict], steps_list: list[int], floor: float) -> None:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="toy2d")
 @user_errors
 def main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir = Path(cfg.run_dir)
     rows, floor = run(cfg, out_dir)
     print_table(rows, list(cfg.sample.steps), floor)
     print(f"\nsamples: {out_dir / 'samples.png'}\ntable: {out_dir / 'results.csv'}\n"

@@ -126,6 +126,14 @@ def test_resume_continues_exactly(algo, hopper_random, tmp_path):
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
 
 
+def test_rerunning_a_finished_training_trains_nothing_and_logs_nothing(hopper_random, tmp_path, capsys):
+    path = train(train_config("bc", hopper_random, tmp_path / "bc", steps=10))
+    events, written = sorted((tmp_path / "bc" / "tb").iterdir()), path.stat().st_mtime_ns
+    assert train(train_config("bc", hopper_random, tmp_path / "bc", steps=10)) == path
+    assert "already holds 10 updates (steps=10): nothing to train" in capsys.readouterr().out
+    assert sorted((tmp_path / "bc" / "tb").iterdir()) == events and path.stat().st_mtime_ns == written
+
+
 def test_diffusion_bc_beats_random_on_inverted_pendulum(minari_root, tmp_path):
     """Cloning a scripted balancing controller for a short run balances far longer than random actions."""
     pendulum_dataset("test/pendulum/expert-v0", n_steps=3000)
@@ -188,6 +196,22 @@ def test_fql_distils_the_flow_into_a_one_step_actor_that_acts_in_one_call(minari
     assert agent.is_diffusion
     agent.act(np.zeros((5, 4)), solver="ode_dpmsolver++_2M", steps=3)
     assert calls == {"actor": 1, "flow": 3} and network_calls(agent)["nfe"] == 3
+
+
+def test_fql_checkpoint_sweeps_its_flow_policy_and_a_rerun_replaces_the_sweep_logs(hopper_random, tmp_path):
+    """An FQL checkpoint acts in one step (evaluate: nfe 1); the sweep needs `acting: flow` and then counts
+    the flow's calls; sweeping again into the same folder leaves one TensorBoard event file."""
+    from cleandiff_rl.evaluation import sweep_checkpoint
+
+    path = train(train_config("fql", hopper_random, tmp_path / "fql", steps=12))
+    assert evaluate(load_policy(str(path)), episodes=2)["nfe"] == 1
+    with pytest.raises(ValueError, match="settings.acting=flow"):
+        sweep_checkpoint(path, tmp_path / "sweep", tmp_path / "sweep" / "tb", episodes=1, progress=False)
+    for _ in range(2):
+        rows = sweep_checkpoint(path, tmp_path / "sweep", tmp_path / "sweep" / "tb", settings={"acting": "flow"},
+                                solvers=["ddim", "heun"], steps=[2], episodes=1, progress=False)
+        assert [row["nfe"] for row in rows] == [2, 3]
+    assert len(list((tmp_path / "sweep" / "tb").glob("events.out.tfevents.*"))) == 1
 
 
 def test_dql_q_loss_only_reaches_levels_the_bc_loss_trains():

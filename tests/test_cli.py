@@ -30,6 +30,8 @@ def run(tmp_path: Path, script: str, *overrides: str) -> subprocess.CompletedPro
     ("train", ["algo=idql", "dataset=test/hopper/random-v0", "algo.params.selection=best"],
      "error: unknown selection 'best'"),
     ("sweep", ["checkpoint=missing.pt"], "error: checkpoint not found: missing.pt"),
+    ("toy2d", ["model.predict=v", "model.time=discrete", "train.steps=1"], "error: predict='v' (the velocity"),
+    ("solver_convergence", ["settings=[[discrete,flow,uniform]]"], "error: the 'flow' schedule is continuous-time only"),
 ])
 def test_user_errors_are_one_message_and_write_nothing(tmp_path, monkeypatch, script, overrides, message):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
@@ -47,3 +49,12 @@ def test_a_train_run_is_named_after_its_dataset():
     assert compose_config(["algo=bc", "task=walker2d-medium"]).run_dir == "runs/train/bc/walker2d-medium-seed0"
     assert compose_config(["algo=bc", "dataset=mujoco/hopper/expert-v0"]).run_dir == \
         "runs/train/bc/mujoco_hopper_expert-v0-seed0"
+
+
+def test_evaluate_and_sweep_folders_are_named_after_the_run():
+    for script in ("evaluate", "sweep"):
+        dql = compose_config(["checkpoint=runs/train/dql/hopper-medium-seed0/checkpoint.pt"], config_name=script)
+        quickstart = compose_config(["checkpoint=runs/quickstart/hopper-idql-seed0/train/checkpoint.pt"],
+                                    config_name=script)
+        assert Path(dql.run_dir).parent == Path(f"runs/{script}/dql-hopper-medium-seed0")
+        assert Path(quickstart.run_dir).parent == Path(f"runs/{script}/hopper-idql-seed0-train")

@@ -7,7 +7,13 @@ imported on demand, so loading data never pulls in TensorBoard.
 from cleandiff_rl.data.loading import DatasetUnavailableError, load_dataset
 from cleandiff_rl.data.normalizers import GaussianNormalizer, MinMaxNormalizer, Normalizer, normalizer_from_state
 from cleandiff_rl.data.registry import LEVELS, TASKS, build_command, normalized_score, reference_scores
-from cleandiff_rl.data.torch_datasets import SequenceDataset, TransitionDataset, discounted_returns, read_episodes
+from cleandiff_rl.data.torch_datasets import (
+    SequenceDataset,
+    TransitionDataset,
+    dataset_average,
+    discounted_returns,
+    read_episodes,
+)
 
 __all__ = [
     "LEVELS",
@@ -18,6 +24,7 @@ __all__ = [
     "Normalizer",
     "SequenceDataset",
     "TransitionDataset",
+    "dataset_average",
     "discounted_returns",
     "build_command",
     "load_dataset",

@@ -15,6 +15,7 @@ import torch
 
 from cleandiff_rl.data.loading import load_dataset
 from cleandiff_rl.data.normalizers import Normalizer, fit_normalizer, normalizer_from_state
+from cleandiff_rl.data.registry import normalized_score
 from cleandiff_rl.utils import resolve_device
 
 
@@ -70,6 +71,13 @@ def read_episodes(dataset: minari.MinariDataset | str) -> Episodes:
                 f"{row - out.starts[episode]}); fix or rebuild the data"
             )
     return out
+
+
+def dataset_average(dataset_id: str) -> float:
+    """The mean D4RL-normalized score of a dataset's own episodes: the reference a policy should beat."""
+    episodes = read_episodes(dataset_id)
+    returns = np.add.reduceat(episodes.rew.astype(np.float64), episodes.starts)
+    return float(np.mean(normalized_score(dataset_id, returns)))
 
 
 def discounted_returns(rew: np.ndarray, starts: np.ndarray, lengths: np.ndarray, discount: float) -> np.ndarray:

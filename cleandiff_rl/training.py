@@ -32,7 +32,7 @@ from cleandiff_rl.data import load_dataset
 from cleandiff_rl.evaluation import evaluate, plan_figure
 from cleandiff_rl.utils import CudaGraphStep, finite_floats, load_checkpoint, resolve_device, seed_everything
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the repository's configs/ links here
 
 
 def run_name(dataset: str, task_name: str, task_dataset: str) -> str:

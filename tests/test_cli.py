@@ -58,3 +58,20 @@ def test_evaluate_and_sweep_folders_are_named_after_the_run():
                                     config_name=script)
         assert Path(dql.run_dir).parent == Path(f"runs/{script}/dql-hopper-medium-seed0")
         assert Path(quickstart.run_dir).parent == Path(f"runs/{script}/hopper-idql-seed0-train")
+
+
+def test_configs_ship_inside_the_package():
+    """An installed cleandiff_rl composes its configs without the repository: they live in the package
+    (configs/ at the top links there) and pyproject's package-data globs cover every one of them."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    import cleandiff_rl
+    from cleandiff_rl.training import CONFIG_DIR
+
+    root = Path(__file__).resolve().parents[1]
+    assert CONFIG_DIR == Path(cleandiff_rl.__file__).resolve().parent / "configs"
+    assert (root / "configs").resolve() == CONFIG_DIR
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["cleandiff_rl"]
+    files = [path.relative_to(CONFIG_DIR.parent) for path in CONFIG_DIR.rglob("*") if path.is_file()]
+    assert len(files) > 30 and all(path.suffix == ".yaml" for path in files)
+    assert all(any(path.match(glob) for glob in globs) for path in files)

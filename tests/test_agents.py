@@ -214,6 +214,32 @@ def test_fql_checkpoint_sweeps_its_flow_policy_and_a_rerun_replaces_the_sweep_lo
     assert len(list((tmp_path / "sweep" / "tb").glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.parametrize("algo,nfe", [("dql", 2), ("idql", 1)])
+def test_distill_pipeline_writes_a_student_that_acts_in_nfe_calls_per_candidate(algo, nfe, hopper_random, tmp_path):
+    """pipelines/distill.py: the student checkpoint is the parent (critic, selection, normalizer) with its
+    behavior model replaced, acting with DDIM at `nfe` steps; parent and student are evaluated alike."""
+    path = train(train_config(algo, hopper_random, tmp_path / algo, steps=12))
+    out = tmp_path / "distilled"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "distill.py"
+    subprocess.run([sys.executable, str(script), f"checkpoint={path}", f"nfe={nfe}", "updates=20", "batch_size=32",
+                    "episodes=2", "device=cpu", f"run_dir={out}"], check=True, env=env, capture_output=True)
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["parent"]["nfe"] == 5 and result["student"]["nfe"] == nfe
+    student, parent = load_policy(str(out / "checkpoint.pt")), load_policy(str(path))
+    assert (student.solver, student.steps) == ("ddim", nfe) and student.name == algo
+    critic = "critic" if algo == "dql" else "value"
+    for key, value in parent.state_dict().items():
+        if key.startswith(critic):
+            torch.testing.assert_close(student.state_dict()[key], value, rtol=0, atol=0)
+    assert any(not torch.equal(student.state_dict()[k], v) for k, v in parent.state_dict().items()
+               if "actor" in k and torch.is_tensor(v))
+    bad = subprocess.run([sys.executable, str(script), f"checkpoint={train(train_config('bc', hopper_random, tmp_path / 'bc', steps=2))}",
+                          f"run_dir={tmp_path / 'bad'}"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "distill needs a policy that samples a diffusion actor" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_dql_q_loss_only_reaches_levels_the_bc_loss_trains():
     """DQL's Q loss backpropagates through the sampler's network calls. Each call's time must be one the
     BC loss trains, else the Q term rewrites the network there unopposed (with continuous time the

@@ -549,3 +549,29 @@ def test_toy2d_trains_a_flow_matching_model_that_every_solver_samples(tmp_path):
     assert all(sw[solver, 20] < 3 * floor for solver in cfg.sample.solvers), (sw, floor)
     assert all(sw[solver, 1] > 5 * floor for solver in cfg.sample.solvers)  # one step: the mean, not the modes
     assert (tmp_path / "samples.png").stat().st_size > 10_000 and (tmp_path / "results.csv").exists()
+
+
+def test_a_one_step_student_keeps_the_teachers_modes_where_one_teacher_step_collapses():
+    """distill(): from the same noise, one student step lands where 10 teacher ODE steps do, on data with
+    two modes per condition; one DDIM step of the teacher itself lands near the mean between them."""
+    from cleandiff_rl.diffusion.distill import distill
+    from cleandiff_rl.nn import DQLMlp
+
+    torch.manual_seed(0)
+    teacher = DiffusionModel(DQLMlp(1, cond_dim=1, hidden_dim=64), time="continuous", schedule="linear",
+                             schedule_kwargs={"beta_max": 10.0}, lr=3e-3, ema_rate=0.99, device="cpu")
+    for _ in range(1000):
+        c = torch.rand(256, 1) * 2 - 1
+        mode = torch.randint(0, 2, (256, 1)).float() * 2 - 1
+        teacher.update(mode * (1.0 + 0.5 * c) + 0.1 * torch.randn(256, 1), c)
+    student = distill(teacher, lambda n: torch.rand(n, 1) * 2 - 1, (1,), steps=1, teacher_steps=10, updates=600,
+                      lr=1e-3, progress=False)
+    c, x_T = torch.full((4000, 1), 0.5), torch.randn(4000, 1)
+    target, _ = teacher.sample(torch.zeros(4000, 1), solver="ddim", steps=10, x_T=x_T, condition_cfg=c)
+    one_step, _ = teacher.sample(torch.zeros(4000, 1), solver="ddim", steps=1, x_T=x_T, condition_cfg=c)
+    distilled, log = student.sample(torch.zeros(4000, 1), solver="ddim", steps=1, x_T=x_T, condition_cfg=c)
+    assert log["nfe"] == 1 and abs(target.abs().mean().item() - 1.25) < 0.1  # the teacher learned both modes
+    assert (distilled - target).abs().mean() < 0.15 < 0.5 < (one_step - target).abs().mean()
+    assert distilled.abs().mean() > 0.9 * target.abs().mean() and 0.4 < (distilled > 0).float().mean() < 0.6
+    with pytest.raises(ValueError, match="must be deterministic"):
+        distill(teacher, lambda n: torch.zeros(n, 1), (1,), teacher_solver="ddpm", updates=1)

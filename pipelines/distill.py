@@ -1,0 +1,65 @@
+"""Distil a diffusion policy into a 1- or 2-step student and compare it with its parent.
+
+See configs/distill.yaml. Writes run_dir/checkpoint.pt (the parent with its behavior model replaced by
+the student, acting with DDIM at `nfe` steps), run_dir/evaluation.json (parent and student: score,
+NFE and time per action on the same episodes) and TensorBoard (`distill/loss`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch.utils.tensorboard import SummaryWriter
+
+from cleandiff_rl.agents import load_policy
+from cleandiff_rl.data import TransitionDataset
+from cleandiff_rl.diffusion import DiffusionModel
+from cleandiff_rl.diffusion.distill import distill
+from cleandiff_rl.evaluation import evaluate
+from cleandiff_rl.training import register_configs
+from cleandiff_rl.utils import atomic_write, seed_everything
+from cleandiff_rl.utils.cli import user_errors
+
+register_configs()  # the checkpoint_name resolver of the run folder
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="distill")
+@user_errors
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(cfg.threads)
+    policy = load_policy(cfg.checkpoint, cfg.device, threads=None)
+    if not isinstance(getattr(policy, "actor", None), DiffusionModel):
+        raise ValueError(f"distill needs a policy that samples a diffusion actor (diffusion_bc, dql, idql), "
+                         f"not {policy.name!r}")
+    seed_everything(cfg.seed)
+    generator = torch.Generator(policy.device).manual_seed(cfg.seed)
+    data = TransitionDataset(policy.dataset_id, device=policy.device, normalizer_state={"obs": policy.normalizer_state})
+    out = Path(cfg.run_dir)
+    episodes = {"episodes": cfg.episodes, "seed": cfg.seed + 1000}
+    parent = evaluate(policy, **episodes, progress=True) if cfg.episodes else None
+    out.mkdir(parents=True, exist_ok=True)
+    with SummaryWriter(str(out / "tb")) as writer:
+        policy.actor = distill(policy.actor, lambda n: data.sample(n, generator)["obs"], (policy.act_dim,),
+                               steps=cfg.nfe, teacher_solver=cfg.teacher_solver,
+                               teacher_steps=cfg.teacher_steps or policy.steps, updates=cfg.updates,
+                               batch_size=cfg.batch_size, lr=cfg.lr, temperature=policy.config.temperature,
+                               writer=writer)
+    policy.config.solver, policy.config.sampling_steps = "ddim", cfg.nfe
+    policy.set_sampling(solver="ddim", steps=cfg.nfe)
+    path = policy.save(out / "checkpoint.pt", distilled_from=str(cfg.checkpoint))
+    student = evaluate(policy, **episodes, progress=True) if cfg.episodes else None
+    result = {"checkpoint": str(path), "parent_checkpoint": str(cfg.checkpoint), "parent": parent, "student": student}
+    atomic_write(out / "evaluation.json", lambda f: json.dump(result, f, indent=1))
+    for name, row in (("parent", parent), ("student", student)):
+        if row is not None:
+            print(f"{name:8s} nfe {row['nfe']:>3} per candidate  score {row['score_mean']:.1f} ± {row['score_se']:.1f}  "
+                  f"{row['time_per_action_ms']:.2f} ms per action")
+    print(f"checkpoint: {path}\nevaluation: {out / 'evaluation.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -115,7 +115,7 @@ def test_temperature_zero_with_an_ode_solver_acts_deterministically(algo, hopper
     assert np.abs(third - second).max() > 1e-3
 
 
-@pytest.mark.parametrize("algo", ["dql", "idql"])
+@pytest.mark.parametrize("algo", ["dql", "idql", "fql"])
 def test_resume_continues_exactly(algo, hopper_random, tmp_path):
     """Stopping at step 10 and rerunning to 20 gives the same weights as one run of 20 steps."""
     train(train_config(algo, hopper_random, tmp_path / "a", steps=10))

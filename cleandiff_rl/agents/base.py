@@ -205,12 +205,14 @@ class Agent(nn.Module):
             steps = int(steps) if steps is not None else self.steps  # the sampler rejects bad names and steps
         if self.obs_normalizer is not None:
             obs_t = self.obs_normalizer.normalize(obs_t)
-        was_training = self.training
-        self.eval()
+        was_training = self.training  # switching modes walks every submodule: only when needed
+        if was_training:
+            self.eval()
         try:
             action = self._act(obs_t, solver, steps, generator)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         action = self.unnormalize_action(action).float().cpu().numpy()
         return action[0] if single else action
 
@@ -259,4 +261,4 @@ class Agent(nn.Module):
         algo_cls = get_algorithm(state["algo"])
         if cls is not Agent and algo_cls is not cls:
             raise ValueError(f"{path} holds a {state['algo']!r} policy, not {cls.name!r}")
-        return algo_cls.from_checkpoint(state, device).set_sampling(solver, steps, temperature)
+        return algo_cls.from_checkpoint(state, device).set_sampling(solver, steps, temperature).eval()  # to act

@@ -11,8 +11,9 @@ Per update (seohongpark/fql, agents/fql.py):
    without gradient, and Q is the mean of the two critics (divided by its batch mean |Q| with
    `normalize_q_loss`). Actions are clipped to [-1, 1] wherever they are used.
 4. Target critic: Polyak averaging with tau = 0.005.
-The original sums the three losses and takes one Adam step; their parameters are disjoint, so the
-separate Adam steps here are the same update (the critic steps first).
+The original sums the three losses and takes one Adam step; their parameters are disjoint, so separate
+Adam steps give the same update, except that here the critic steps first and the actor's Q term sees
+the stepped critic (as in Diffusion-QL).
 Acting (`acting: onestep`): a = mu(s, z), z ~ N(0, temperature^2 I), one network call. `acting: flow`
 samples the BC flow policy instead, with any solver and steps (no critic): what a sweep compares.
 """

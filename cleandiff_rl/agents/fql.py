@@ -28,7 +28,7 @@ from torch import Tensor
 
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_model, soft_update
-from cleandiff_rl.diffusion.solvers import level_at
+from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.nn import FlowMlp
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step
@@ -75,8 +75,9 @@ class FQL(Agent):
             raise ValueError(f"unknown acting {cfg.acting!r}; valid: {', '.join(ACTING)}")
         hidden = (cfg.hidden_dim,) * cfg.n_layers
         self.flow = diffusion_model(cfg, FlowMlp(act_dim, obs_dim, cfg.hidden_dim, cfg.n_layers), device=self.device)
-        # the teacher's ODE starts where sampling grids do, from noise z scaled to the noise level there
-        self._sigma_start = level_at(self.flow.schedule, self.flow.schedule.t_start).sigma
+        # the teacher's ODE starts at its grid's first level, from noise z scaled to the noise level there
+        levels, _ = self.flow.plan(get_solver(cfg.solver), cfg.sampling_steps, "uniform")
+        self._sigma_start = levels[0].sigma
         self.actor = mlp(obs_dim + act_dim, hidden, act_dim, "gelu").to(self.device)  # mu(s, z)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr)
         self.critic = TwinQ(obs_dim, act_dim, hidden, act="gelu", layer_norm=True).to(self.device)

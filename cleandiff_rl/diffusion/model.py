@@ -22,8 +22,6 @@ PREDICTIONS = ("eps", "x0", "v")
 
 
 def _min_snr(alpha: Tensor, sigma: Tensor, predict: str, gamma: float = 5.0) -> Tensor:
-    if predict == "v":
-        raise ValueError("time_weighting='min_snr' is defined for predict='eps' or 'x0'")
     snr = (alpha / sigma) ** 2
     return snr.clamp(max=gamma) / (snr if predict == "eps" else 1.0)
 
@@ -142,6 +140,8 @@ class DiffusionModel(nn.Module):
         self.schedule = make_schedule(time, schedule, diffusion_steps, **(schedule_kwargs or {}))
         if predict == "v" and self.schedule.kind == "discrete":
             raise ValueError("predict='v' (the velocity dx_t/dt) needs time='continuous'")
+        if predict == "v" and time_weighting == "min_snr":
+            raise ValueError("time_weighting='min_snr' is defined for predict='eps' or 'x0'")
         self.predict, self.time_weighting = predict, time_weighting
         self.ema_rate, self.ema_every, self.ema_start = ema_rate, ema_every, ema_start
         self.grad_clip_norm = grad_clip_norm

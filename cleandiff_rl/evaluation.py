@@ -8,11 +8,10 @@ every (solver, steps) pair of one checkpoint and writes sweep.csv / sweep.json a
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from itertools import product
 from pathlib import Path
@@ -29,7 +28,7 @@ from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data.registry import reference_scores
 from cleandiff_rl.diffusion.solvers import CROSS_SOLVERS, get_solver
-from cleandiff_rl.utils import atomic_write
+from cleandiff_rl.utils import atomic_write, write_csv
 
 if TYPE_CHECKING:  # matplotlib loads only for planner figures: it costs every pipeline ~1 s at startup
     from matplotlib.figure import Figure
@@ -129,6 +128,25 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
             **network_calls(policy)}
 
 
+def evaluate_checkpoint(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Evaluate the checkpoint of a `configs/evaluate.yaml` config; write and return `run_dir/evaluation.json`:
+    the result of `evaluate`, with the checkpoint, its algorithm, dataset and updates, and the act settings.
+
+    The evaluate pipeline's job, here so that launchers (`cleandiff_rl.launching`) can ship it to workers.
+    """
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    policy = load_policy(str(cfg["checkpoint"]), cfg["device"], temperature=cfg["temperature"], threads=None)
+    settings = dict(cfg.get("settings") or {})
+    policy.with_settings(settings)
+    result = evaluate(policy, cfg["env_id"], episodes=cfg["episodes"], seed=cfg["seed"], solver=cfg["solver"],
+                      steps=cfg["steps"], progress=True)
+    record = {"checkpoint": str(cfg["checkpoint"]), "algo": policy.name, "dataset_id": policy.dataset_id,
+              "updates": policy.updates, "seed": cfg["seed"], "settings": settings, **result}
+    atomic_write(Path(cfg["run_dir"]) / "evaluation.json", lambda f: json.dump(record, f, indent=1))
+    return record
+
+
 def network_calls(policy: Agent) -> dict[str, Any]:
     """Network calls per action of the last sampling: nfe = backbone calls + value-gradient calls.
 
@@ -148,13 +166,7 @@ def write_sweep(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Pat
     """Write sweep.csv (the `COLUMNS`) and sweep.json (full rows) atomically; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    def write_csv(f: Any) -> None:
-        table = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        table.writeheader()
-        table.writerows(rows)
-
-    atomic_write(out / "sweep.csv", write_csv)
+    write_csv(out / "sweep.csv", rows, COLUMNS)
     atomic_write(out / "sweep.json", lambda f: json.dump(rows, f, indent=1))
     return out / "sweep.csv", out / "sweep.json"
 

@@ -5,6 +5,12 @@
 so far and the part of it spent in periodic evaluations; written atomically every `checkpoint_every`
 steps and at the end) and `tb/` (train/*, eval/score, eval/return).
 Rerunning the same command resumes from the checkpoint.
+
+Under `torchrun --nproc_per_node=N pipelines/train.py ...` the N processes train one model together, data
+parallel (`utils.distributed`): `batch_size` is the global batch, of which each rank trains on its 1/N
+share, and the gradients are averaged over the ranks before clipping and stepping, so the learning rate
+means what it means in one process. Rank 0 alone writes the checkpoint (the same format as a single
+process's), TensorBoard and evaluations.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
@@ -30,7 +37,8 @@ from cleandiff_rl.agents.base import make_config
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data import load_dataset
 from cleandiff_rl.evaluation import evaluate, plan_figure
-from cleandiff_rl.utils import CudaGraphStep, finite_floats, load_checkpoint, resolve_device, seed_everything
+from cleandiff_rl.utils import (CudaGraphStep, Preemption, barrier, finite_floats, load_checkpoint, mean_over_ranks,
+                                process_group, rank, rank_share, resolve_device, seed_everything, world_size)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the repository's configs/ links here
 
@@ -48,11 +56,22 @@ def checkpoint_name(path: str) -> str:
     return f"{folder.parent.name}-{folder.name}"
 
 
+def settings_suffix() -> str:
+    """'+<key>:<value>+...' for train.yaml's run_dir when pipelines/train.py was given settings beyond the
+    run folder's name (Hydra's `override_dirname`, without the keys train.yaml excludes); '' otherwise, and
+    for configs composed without the command line (`compose_config`)."""
+    if not HydraConfig.initialized() or HydraConfig.get().job.config_name != "train":
+        return ""
+    overrides = HydraConfig.get().job.override_dirname
+    return f"+{overrides.replace('/', '_')}" if overrides else ""
+
+
 def register_configs() -> None:
     """Store each algorithm's `Config` dataclass as the Hydra schema `algo_params/<name>`, so every
     setting can be overridden on the command line (`algo.params.lr=1e-4`) with its type checked; and
-    the resolvers the configs name their run folders with (`run_name`, `checkpoint_name`)."""
+    the resolvers the configs name their run folders with (`run_name`, `settings_suffix`, `checkpoint_name`)."""
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("settings_suffix", settings_suffix, replace=True)
     OmegaConf.register_new_resolver("checkpoint_name", checkpoint_name, replace=True)
     store = ConfigStore.instance()
     for name, cls in ALGORITHMS.items():
@@ -76,6 +95,17 @@ def dataset_env_id(dataset: Any) -> str:
     if dataset.spec.env_spec is None:
         raise ValueError(f"dataset {dataset.spec.dataset_id} records no environment; set env_id=<gymnasium id>")
     return dataset.spec.env_spec.id
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """The settings that shape a training (seed, batch size, every algorithm parameter) in which a run's
+    saved config and the current one differ, as 'key: saved -> current'; keys only one of them has are
+    skipped (a parameter added since the checkpoint was written)."""
+    def flat(config: dict) -> dict:
+        return {"seed": config.get("seed"), "batch_size": config.get("batch_size"),
+                **{f"algo.params.{k}": v for k, v in config.get("algo", {}).get("params", {}).items()}}
+    old, new = flat(saved), flat(current)
+    return [f"{key}: {old[key]} -> {new[key]}" for key in sorted(old.keys() & new.keys()) if old[key] != new[key]]
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -104,10 +134,22 @@ def new_agent(algo_cls: type[Agent], params: dict, minari_dataset: Any, data: An
 
 
 def train(cfg: DictConfig) -> Path:
-    """Train (or resume) the policy `cfg` describes; return the path of the final checkpoint."""
+    """Train (or resume) the policy `cfg` describes; return the path of the final checkpoint.
+
+    Launched by torchrun, every rank calls this: it joins the process group (`process_group`) and trains
+    its share of each global batch; every rank returns once rank 0 has written the final checkpoint.
+    """
+    with process_group(resolve_device(cfg.device)) as device:
+        return _train(cfg, device)
+
+
+def _train(cfg: DictConfig, device: torch.device) -> Path:
+    """`train` on `device`, as rank `rank()` of `world_size()` processes."""
+    world, lead = world_size(), rank() == 0  # lead: the one process that writes and evaluates
+    if int(cfg.batch_size) % world:
+        raise ValueError(f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {world} processes")
     run_dir = Path(cfg.run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
-    device = resolve_device(cfg.device)
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     algo_cls = get_algorithm(cfg.algo.name)
@@ -118,7 +160,11 @@ def train(cfg: DictConfig) -> Path:
     if resumed is not None and (resumed["algo"], resumed["dataset_id"]) != (algo_cls.name, cfg.dataset):
         raise ValueError(f"{ckpt_path} holds {resumed['algo']} on {resumed['dataset_id']}, not {algo_cls.name} on "
                          f"{cfg.dataset}; choose another run_dir or pass resume=false")
-    seed_everything(cfg.seed)
+    changed = [] if resumed is None else changed_settings(resumed["run_config"], OmegaConf.to_container(cfg, resolve=True))
+    if changed:
+        raise ValueError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); choose another run_dir "
+                         "or pass resume=false")
+    seed_everything(cfg.seed)  # the same on every rank: the same initial weights and batches
     params = OmegaConf.to_container(cfg.algo.params, resolve=True)
     data = algo_cls.training_data(minari_dataset, make_config(algo_cls.Config, params), device=device,
                                   normalizer_state=None if resumed is None else {"obs": resumed["obs_normalizer"]})
@@ -128,53 +174,65 @@ def train(cfg: DictConfig) -> Path:
         start = 0
     else:
         if resumed["step"] >= int(cfg.steps):  # nothing to train: no new TensorBoard event file either
-            print(f"{ckpt_path} already holds {resumed['step']} updates (steps={cfg.steps}): nothing to train")
+            if lead:
+                print(f"{ckpt_path} already holds {resumed['step']} updates (steps={cfg.steps}): nothing to train")
             return ckpt_path
         agent = algo_cls.from_checkpoint(resumed, device)
         start = resumed["step"]
         _set_rng_state(resumed["rng"], generator)
+    if not lead:  # its own diffusion noise; rank 0 keeps the stream its checkpoints record
+        seed_everything(int(np.random.SeedSequence([cfg.seed, rank(), start]).generate_state(1)[0]))
     clock = time.perf_counter() - (0.0 if resumed is None else resumed.get("wall_seconds", 0.0))
     eval_seconds = 0.0 if resumed is None else resumed.get("eval_seconds", 0.0)
 
     data.map_actions(agent.normalize_action)  # the networks see actions in [-1, 1]
     total = int(cfg.steps)
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start)
     config = OmegaConf.to_container(cfg, resolve=True)
-    if start == 0:
-        writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```")
+    writer = None
+    if lead:  # resumed: hide what an interrupted run logged after the checkpoint's step (that step's points stay)
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else 0)
+        if start == 0:
+            writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg, resolve=True)}\n```")
     step_fn = agent.train_step
     if device.type == "cuda" and cfg.cuda_graph:
         step_fn = CudaGraphStep(agent.train_step, agent.optimizers().values())
     sums: dict[str, Tensor] = {}
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"{algo_cls.name} {cfg.dataset}",
-               dynamic_ncols=True, mininterval=1.0)
-    for step in bar:
-        metrics = step_fn(data.sample(int(cfg.batch_size) * agent.batches_per_step, generator))
-        agent.after_step()
-        for key, value in metrics.items():  # summed on the device: no sync until the next log
-            sums[key] = sums[key] + value if key in sums else value.clone()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total:
-            count = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
-            means = finite_floats({key: value / count for key, value in sums.items()},
-                                  f"in the {count} updates before update {done}")
-            for key, value in means.items():
-                writer.add_scalar(f"train/{key}", value, done)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(means.items())[:3]})
-            sums.clear()
-        if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
-            eval_start = time.perf_counter()
-            result = evaluate(agent, env_id, episodes=cfg.eval_episodes, seed=cfg.seed + 100, progress=True)
-            for key in ("score", "return"):
-                if result[f"{key}_mean"] is not None:
-                    writer.add_scalar(f"eval/{key}", result[f"{key}_mean"], done)
-            if isinstance(agent, Planner):
-                writer.add_figure("eval/plan", plan_figure(agent, env_id, seed=cfg.seed + 100), done)
-            bar.write(f"step {done}: return {result['return_mean']:.1f} ± {result['return_se']:.1f}"
-                      + (f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""))
-            eval_seconds += time.perf_counter() - eval_start
-        if done % cfg.checkpoint_every == 0 or done == total:
-            agent.save(ckpt_path, step=done, rng=_rng_state(generator), run_config=config,
-                       wall_seconds=time.perf_counter() - clock, eval_seconds=eval_seconds)
-    writer.close()
+               dynamic_ncols=True, mininterval=1.0, disable=not lead)
+    with Preemption() as preemption:  # a cluster's stop signal: save after this update, then requeue
+        for step in bar:
+            batch = data.sample(int(cfg.batch_size) * agent.batches_per_step, generator)  # the global batch
+            metrics = step_fn(rank_share(batch, agent.batches_per_step))
+            agent.after_step()
+            for key, value in metrics.items():  # summed on the device: no sync until the next log
+                sums[key] = sums[key] + value if key in sums else value.clone()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                count = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+                global_means = mean_over_ranks(torch.stack([value / count for value in sums.values()]))  # all ranks'
+                means = finite_floats(dict(zip(sums, global_means)), f"in the {count} updates before update {done}")
+                if lead:
+                    for key, value in means.items():
+                        writer.add_scalar(f"train/{key}", value, done)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(means.items())[:3]})
+                sums.clear()
+            if lead and cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
+                eval_start = time.perf_counter()
+                result = evaluate(agent, env_id, episodes=cfg.eval_episodes, seed=cfg.seed + 100, progress=True)
+                for key in ("score", "return"):
+                    if result[f"{key}_mean"] is not None:
+                        writer.add_scalar(f"eval/{key}", result[f"{key}_mean"], done)
+                if isinstance(agent, Planner):
+                    writer.add_figure("eval/plan", plan_figure(agent, env_id, seed=cfg.seed + 100), done)
+                bar.write(f"step {done}: return {result['return_mean']:.1f} ± {result['return_se']:.1f}"
+                          + (f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""))
+                eval_seconds += time.perf_counter() - eval_start
+            if lead and (done % cfg.checkpoint_every == 0 or done == total or preemption.requested):
+                agent.save(ckpt_path, step=done, rng=_rng_state(generator), run_config=config,
+                           wall_seconds=time.perf_counter() - clock, eval_seconds=eval_seconds)
+            if preemption.requested:
+                preemption.forward()
+    if lead:
+        writer.close()
+    barrier()  # the others wait for rank 0's final evaluation and checkpoint
     return ckpt_path

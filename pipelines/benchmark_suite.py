@@ -4,45 +4,44 @@
     python pipelines/benchmark_suite.py 'datasets=[hopper-medium-replay]' 'algos=[dql,bc]'
     python pipelines/benchmark_suite.py 'datasets=[mujoco/hopper/medium-v0]'   # any Minari id
     python pipelines/benchmark_suite.py suite=gpu                          # paper-order budgets on one GPU
+    python pipelines/benchmark_suite.py hydra/launcher=slurm hydra.launcher.partition=gpu   # jobs on SLURM
 
 For every dataset (a task name from configs/task, or any Minari id):
-1. build it with the project's builder (pipelines/make_dataset.py) when the Minari root lacks it;
-2. train every algorithm at the preset's budget (pipelines/train.py, `jobs` runs at a time);
-3. evaluate every final checkpoint, and each of its act variants, on the same `episodes` env seeds.
+1. build it with the project's builder (configs/make_dataset.yaml) when the Minari root lacks it;
+2. train every algorithm at the preset's budget (configs/train.yaml);
+3. evaluate every final checkpoint, and each of its act variants, on the same `episodes` env seeds
+   (configs/evaluate.yaml).
+Each stage's jobs go through the suite's Hydra launcher (`cleandiff_rl.launching`): joblib, `jobs` at a
+time, by default; `hydra/launcher=slurm` (or any installed launcher) runs the same jobs on a cluster.
 A rerun with the same run_dir resumes unfinished trainings and reuses finished trainings and each
-cell's evaluation (run_dir/<dataset>/<algo>/evaluations). Writes results.json, results.csv, scores.png
-and TensorBoard (run_dir/tb); each build and training logs to run_dir/logs/.
+cell's evaluations (run_dir/<dataset>/<algo>/evaluations/<label>/evaluation.json). Writes results.json,
+results.csv, scores.png and TensorBoard (run_dir/tb); every job logs to its run_dir/log.txt.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from cleandiff_rl.agents import get_algorithm, load_policy
+from cleandiff_rl.agents import get_algorithm
 from cleandiff_rl.data import dataset_average
+from cleandiff_rl.data.builder import build_datasets
 from cleandiff_rl.data.registry import build_command, datasets_root, parse_id, task_of
-from cleandiff_rl.evaluation import evaluate
-from cleandiff_rl.training import CONFIG_DIR, compose_config
-from cleandiff_rl.utils import atomic_write, load_checkpoint
+from cleandiff_rl.evaluation import evaluate_checkpoint
+from cleandiff_rl.launching import Logged, current_launcher, launch, launcher_name, override
+from cleandiff_rl.training import CONFIG_DIR, compose_config, train
+from cleandiff_rl.utils import atomic_write, load_checkpoint, write_csv
 from cleandiff_rl.utils.cli import user_errors
-
-PIPELINES = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -86,21 +85,23 @@ def build_missing(datasets: list[Dataset], cfg: DictConfig, out: Path) -> None:
     for d in missing:
         namespace, level, version = parse_id(d.id)
         runs.setdefault((task_of(d.id), namespace.rsplit("/", 1)[0], version), []).append(level)
-    commands = [[sys.executable, str(PIPELINES / "make_dataset.py"), f"env={env}", f"namespace={namespace}",
-                 f"version={version}", f"levels=[{','.join(levels)}]", f"make_dataset={cfg.build_preset}",
-                 f"seed={cfg.seed}", f"run_dir={out / 'builds' / f'{namespace}-{env}-v{version}'}"]
-                for (env, namespace, version), levels in runs.items()]
-    with ThreadPoolExecutor(cfg.jobs) as pool:
-        list(pool.map(lambda c: run_logged(c, out / "logs" / f"build-{c[2].removeprefix('env=')}.log"), commands))
+    jobs = [[f"env={env}", f"namespace={namespace}", f"version={version}", f"levels=[{','.join(levels)}]",
+             f"make_dataset={cfg.build_preset}", f"seed={cfg.seed}",
+             override("run_dir", out / "builds" / f"{namespace}-{env}-v{version}")]
+            for (env, namespace, version), levels in runs.items()]
+    run_jobs(build_datasets, "make_dataset", jobs, cfg, out, "build")
 
 
-def run_logged(command: list[str], log: Path) -> None:
-    """Run a pipeline in a subprocess with one torch thread, appending its output to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[1:3])} ... failed (exit {done.returncode}); see {log}")
+def run_jobs(task: Callable[[DictConfig], Any], config_name: str, jobs: list[list[str]], cfg: DictConfig,
+             out: Path, stage: str) -> list[Any]:
+    """Run one stage's jobs (pipeline overrides of `config_name`) through the suite's Hydra launcher:
+    joblib, `jobs` at a time, unless `hydra/launcher=` names another. Each job logs to its run_dir/log.txt."""
+    if not jobs:
+        return []
+    launcher = current_launcher(cfg)
+    print(f"{stage}: {len(jobs)} job(s) through {launcher_name(launcher)}; each logs to its run_dir/log.txt",
+          flush=True)
+    return launch(Logged(task), config_name, jobs, launcher, out / "jobs" / stage)
 
 
 def lr_overrides(algo: str, batch_size: int | None, scaling: str) -> list[str]:
@@ -116,8 +117,7 @@ def lr_overrides(algo: str, batch_size: int | None, scaling: str) -> list[str]:
 
 
 def algo_overrides(cfg: DictConfig, algo: str) -> list[str]:
-    """The preset's settings for `algo` as train.py overrides (composed here, before any thread starts:
-    Hydra's compose is not thread-safe)."""
+    """The preset's settings for `algo` as train.py overrides."""
     overrides = [f"algo={algo}", f"steps={cfg.steps[algo]}", f"seed={cfg.seed}", f"device={cfg.device}",
                  f"eval_every={cfg.eval_every}", "eval_episodes=5"]
     batch_size = cfg.batch_size.get(algo)
@@ -127,22 +127,31 @@ def algo_overrides(cfg: DictConfig, algo: str) -> list[str]:
     return overrides + [f"algo.params.{key}={value}" for key, value in (cfg.params.get(algo) or {}).items()]
 
 
-def train_cell(dataset: Dataset, overrides: list[str], run_dir: Path, log: Path) -> dict:
-    """Train (or resume) one algorithm on one dataset; return its checkpoint's timing record."""
-    overrides = [*overrides, f"dataset={dataset.id}", f"run_dir={run_dir}"]
-    if dataset.task is not None:
-        overrides.append(f"task={dataset.task}")
-    run_logged([sys.executable, str(PIPELINES / "train.py"), *overrides], log)
-    state = load_checkpoint(run_dir / "checkpoint.pt")
+def train_job(dataset: Dataset, overrides: list[str], run_dir: Path) -> list[str]:
+    """train.py's overrides for one algorithm (its preset `overrides`) on one dataset."""
+    return [*overrides, f"dataset={dataset.id}", override("run_dir", run_dir)] + (
+        [] if dataset.task is None else [f"task={dataset.task}"])
+
+
+def timing(checkpoint: Path) -> dict:
+    """A finished training's wall time, time spent updating (without its periodic evaluations) and batch."""
+    state = load_checkpoint(checkpoint)
     wall = state["wall_seconds"]
     return {"wall_seconds": wall, "update_seconds": wall - state.get("eval_seconds", 0.0),
             "batch_size": state["run_config"]["batch_size"]}
 
 
-def write_csv(f: TextIO, rows: list[dict]) -> None:
-    table = csv.DictWriter(f, fieldnames=list(rows[0]))
-    table.writeheader()
-    table.writerows(rows)
+def evaluation_job(checkpoint: Path, folder: Path, settings: dict, cfg: DictConfig) -> list[str] | None:
+    """evaluate.py's overrides for one checkpoint and act variant; None when `folder` already holds that
+    evaluation of this checkpoint (same episodes, seeds and settings, written after the checkpoint)."""
+    done = folder / "evaluation.json"
+    if done.is_file() and done.stat().st_mtime > checkpoint.stat().st_mtime:
+        record = json.loads(done.read_text())
+        if (record["episodes"], record.get("seed"), record["settings"]) == (cfg.episodes, cfg.seed + 1000, settings):
+            return None
+    return [override("checkpoint", checkpoint), override("run_dir", folder), f"episodes={cfg.episodes}",
+            f"seed={cfg.seed + 1000}",
+            f"device={cfg.device}", *(f"+settings.{key}={value}" for key, value in settings.items())]
 
 
 def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
@@ -200,44 +209,33 @@ def main(cfg: DictConfig) -> None:
         if cfg.steps.get(algo) is None:
             raise ValueError(f"the suite preset {cfg.suite_name!r} sets no budget for {algo!r} (steps.{algo})")
     datasets = resolve_datasets(list(cfg.datasets))
-    out, logs = Path(cfg.run_dir), Path(cfg.run_dir) / "logs"
+    out = Path(cfg.run_dir)
     build_missing(datasets, cfg, out)
-    print(f"{len(datasets)} datasets x {len(algos)} algorithms under {datasets_root()}; logs in {logs}")
+    print(f"{len(datasets)} datasets x {len(algos)} algorithms under {datasets_root()}")
 
-    overrides = {algo: algo_overrides(cfg, algo) for algo in algos}
     cells = [(d, a) for a in algos for d in datasets]  # the slow algorithms first keeps the pool busy
-    with ThreadPoolExecutor(cfg.jobs) as pool:
-        timing = dict(zip(cells, tqdm(pool.map(lambda c: train_cell(c[0], overrides[c[1]], out / c[0].name / c[1],
-                                                                    logs / f"{c[0].name}-{c[1]}.log"), cells),
-                                      total=len(cells), desc="train")))
+    run_jobs(train, "train", [train_job(d, algo_overrides(cfg, a), out / d.name / a) for d, a in cells], cfg, out,
+             "train")
+    timings = {(d, a): timing(out / d.name / a / "checkpoint.pt") for d, a in cells}
 
     evaluations = []  # (dataset, algo, label, act settings): each algorithm's default acting, then its variants
     for d, algo in cells:
         variants = cfg.act_variants.get(algo) or {}
         evaluations += [(d, algo, algo, {})] + [(d, algo, f"{algo} ({name})", dict(s)) for name, s in variants.items()]
-
-    def evaluate_cell(cell: tuple[Dataset, str, str, dict]) -> dict:
-        d, algo, label, settings = cell
-        run = timing[(d, algo)]
-        key = {"settings": settings, "episodes": cfg.episodes, "seed": cfg.seed + 1000,
-               "run_seconds": run["wall_seconds"]}  # a retrained checkpoint has another wall time
-        cache = out / d.name / algo / "evaluations" / f"{re.sub(r'[^A-Za-z0-9.=_-]+', '_', label)}.json"
-        cached = json.loads(cache.read_text()) if cache.is_file() else None
-        if cached is not None and cached["key"] == key:
-            result = cached["result"]
-        else:
-            policy = load_policy(str(out / d.name / algo / "checkpoint.pt"), cfg.device).with_settings(settings)
-            result = evaluate(policy, episodes=cfg.episodes, seed=cfg.seed + 1000)
-            atomic_write(cache, lambda f: json.dump({"key": key, "result": result}, f))
-        return {"dataset": d.name, "dataset_id": d.id, "label": label, "algo": algo, "steps": int(cfg.steps[algo]),
-                "batch_size": run["batch_size"], "train_minutes": run["wall_seconds"] / 60,
-                "updates_per_second": cfg.steps[algo] / run["update_seconds"], "score_mean": result["score_mean"],
-                "score_se": result["score_se"], "return_mean": result["return_mean"], "episodes": cfg.episodes}
-
-    torch.set_num_threads(1)  # `jobs` evaluations share the cores, one thread each
-    with ThreadPoolExecutor(cfg.jobs) as pool:
-        evaluated = list(tqdm(pool.map(evaluate_cell, evaluations), total=len(evaluations),
-                              desc=f"evaluate x{cfg.episodes}"))
+    folders = [out / d.name / algo / "evaluations" / re.sub(r"[^A-Za-z0-9.=_-]+", "_", label)
+               for d, algo, label, _ in evaluations]
+    jobs = [evaluation_job(out / d.name / algo / "checkpoint.pt", folder, settings, cfg)
+            for (d, algo, _, settings), folder in zip(evaluations, folders)]
+    run_jobs(evaluate_checkpoint, "evaluate", [job for job in jobs if job is not None], cfg, out,
+             f"evaluate x{cfg.episodes}")
+    evaluated = []
+    for (d, algo, label, _), folder in zip(evaluations, folders):
+        run, result = timings[(d, algo)], json.loads((folder / "evaluation.json").read_text())
+        evaluated.append({
+            "dataset": d.name, "dataset_id": d.id, "label": label, "algo": algo, "steps": int(cfg.steps[algo]),
+            "batch_size": run["batch_size"], "train_minutes": run["wall_seconds"] / 60,
+            "updates_per_second": cfg.steps[algo] / run["update_seconds"], "score_mean": result["score_mean"],
+            "score_se": result["score_se"], "return_mean": result["return_mean"], "episodes": cfg.episodes})
     references = [{"dataset": d.name, "dataset_id": d.id, "label": "dataset average", "algo": None, "steps": 0,
                    "batch_size": 0, "train_minutes": 0.0, "updates_per_second": None,
                    "score_mean": dataset_average(d.id), "score_se": None, "return_mean": None, "episodes": None}
@@ -247,7 +245,7 @@ def main(cfg: DictConfig) -> None:
 
     atomic_write(out / "results.json", lambda f: json.dump(
         {"suite": cfg.suite_name, "config": OmegaConf.to_container(cfg, resolve=True), "rows": rows}, f, indent=2))
-    atomic_write(out / "results.csv", lambda f: write_csv(f, rows))
+    write_csv(out / "results.csv", rows)
     fig = score_figure(rows, datasets)
     fig.savefig(out / "scores.png", dpi=120)
     writer = SummaryWriter(str(out / "tb"))

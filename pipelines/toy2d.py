@@ -8,7 +8,6 @@ schedule and prediction, e.g. flow matching: `model.schedule=flow model.predict=
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm import trange  # noqa: E402
 
 from cleandiff_rl.diffusion import SOLVERS, DiffusionModel  # noqa: E402
 from cleandiff_rl.nn import DQLMlp  # noqa: E402
-from cleandiff_rl.utils import seed_everything  # noqa: E402
+from cleandiff_rl.utils import seed_everything, write_csv  # noqa: E402
 from cleandiff_rl.utils.cli import user_errors
 
 
@@ -100,10 +99,7 @@ def run(cfg: DictConfig, out_dir: Path) -> tuple[list[dict], float]:
     plt.close(fig)
     writer.close()
 
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        table = csv.DictWriter(f, fieldnames=list(rows[0]))
-        table.writeheader()
-        table.writerows(rows)
+    write_csv(out_dir / "results.csv", rows)
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     return rows, floor
 

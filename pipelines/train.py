@@ -1,9 +1,13 @@
-"""Train a policy (Diffusion BC, Diffusion-QL, IDQL or BC) on a Minari dataset; see configs/train.yaml.
+"""Train a policy or planner on a Minari dataset; see configs/train.yaml.
 
     python pipelines/train.py algo=idql task=hopper-medium
+    python pipelines/train.py -m algo=dql,idql seed=0,1,2 hydra/launcher=local   # a grid, 2 processes at a time
+    torchrun --standalone --nproc_per_node=2 pipelines/train.py algo=diffuser    # one training, 2 processes
 """
 
 from __future__ import annotations
+
+import os
 
 import hydra
 from omegaconf import DictConfig
@@ -18,7 +22,8 @@ register_configs()
 @user_errors
 def main(cfg: DictConfig) -> None:
     path = train(cfg)
-    print(f"checkpoint: {path}\nTensorBoard: tensorboard --logdir {path.parent / 'tb'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(f"checkpoint: {path}\nTensorBoard: tensorboard --logdir {path.parent / 'tb'}")
 
 
 if __name__ == "__main__":

@@ -473,7 +473,7 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
                "algos=[diffusion_bc,bc]", f"run_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, capture_output=True)
-    assert (minari_root / "test/hopper/medium-v0").is_dir() and (out / "logs" / "build-hopper.log").is_file()
+    assert (minari_root / "test/hopper/medium-v0").is_dir() and (out / "builds" / "test-hopper-v0" / "log.txt").is_file()
     rows = json.loads((out / "results.json").read_text())["rows"]
     names = ["test_hopper_random-v0", "test_hopper_medium-v0"]
     assert [(r["dataset"], r["label"]) for r in rows] == [
@@ -490,7 +490,7 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
                and r["episodes"] == 2 for r in trained)
     assert len((out / "results.csv").read_text().splitlines()) == 1 + len(rows)
     assert (out / "scores.png").stat().st_size > 10_000 and any((out / "tb").iterdir())
-    done = sorted([*out.glob("*/*/checkpoint.pt"), *out.glob("*/*/evaluations/*.json")])
+    done = sorted([*out.glob("*/*/checkpoint.pt"), *out.glob("*/*/evaluations/*/evaluation.json")])
     assert len(done) == 4 + 6
     written = [path.stat().st_mtime_ns for path in done]
     subprocess.run(command, check=True, env=env, capture_output=True)

@@ -1,5 +1,6 @@
 """Every pipeline command the README and the configs document is accepted as written: its overrides
-compose against the pipeline's config (what `--cfg job` checks), without running the job."""
+compose against the pipeline's config (what `--cfg job` checks; a multirun's first job), without running
+the job."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from cleandiff_rl.training import compose_config
 
@@ -26,6 +28,21 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
     return found
 
 
+def first_job(overrides: list[str]) -> list[str]:
+    """A multirun command's (`-m`) first job: each sweep `key=a,b,...` at its first value."""
+    if "-m" not in overrides:
+        return overrides
+    parser = OverridesParser.create()
+    job = []
+    for text in overrides:
+        if text == "-m":
+            continue
+        override = parser.parse_override(text)
+        job.append(f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
+                   if override.is_sweep_override() else text)
+    return job
+
+
 def config_name(script: str) -> str:
     source = (REPO / "pipelines" / f"{script}.py").read_text()
     return re.search(r'config_name="(\w+)"', source).group(1)
@@ -34,4 +51,4 @@ def config_name(script: str) -> str:
 @pytest.mark.parametrize("where,script,overrides", documented_commands(), ids=lambda v: v if isinstance(v, str) else "")
 def test_documented_command_composes(where: str, script: str, overrides: list[str]):
     assert (REPO / "pipelines" / f"{script}.py").is_file(), where
-    compose_config(overrides, config_name=config_name(script))
+    compose_config(first_job(overrides), config_name=config_name(script))

@@ -1,10 +1,15 @@
-"""Small shared helpers: devices, seeding, atomic file writes and checkpoints, logging."""
+"""Small shared helpers: devices, seeding, atomic file writes and checkpoints, logging, torchrun processes,
+cluster preemption."""
 
-from cleandiff_rl.utils.checkpoint import atomic_save, atomic_write, load_checkpoint
+from cleandiff_rl.utils.checkpoint import atomic_save, atomic_write, load_checkpoint, write_csv
 from cleandiff_rl.utils.misc import mean_call_seconds, resolve_device, seed_everything
 from cleandiff_rl.utils.cuda_graph import CudaGraphStep
+from cleandiff_rl.utils.distributed import (all_reduce_gradients, barrier, mean_over_ranks, process_group, rank,
+                                            rank_share, world_size)
 from cleandiff_rl.utils.fast import fast_paths
 from cleandiff_rl.utils.optim import finite_floats, optimizer_step
+from cleandiff_rl.utils.preemption import Preemption
 
-__all__ = ["CudaGraphStep", "atomic_save", "atomic_write", "fast_paths", "finite_floats", "load_checkpoint", "mean_call_seconds", "optimizer_step",
-           "resolve_device", "seed_everything"]
+__all__ = ["CudaGraphStep", "Preemption", "all_reduce_gradients", "atomic_save", "atomic_write", "barrier", "fast_paths", "finite_floats",
+           "load_checkpoint", "mean_call_seconds", "mean_over_ranks", "optimizer_step", "process_group", "rank",
+           "rank_share", "resolve_device", "seed_everything", "world_size", "write_csv"]

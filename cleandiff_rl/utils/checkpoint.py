@@ -1,10 +1,11 @@
-"""Atomic file writes: a crash mid-write never leaves a truncated checkpoint or result file behind."""
+"""Atomic file writes: a crash mid-write never leaves a truncated checkpoint, table or result file behind."""
 
 from __future__ import annotations
 
+import csv
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +31,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], *, binary:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
+    """Write `rows` as a CSV table through `atomic_write`: `columns` (default: the first row's keys), a
+    header, one line per row (keys outside `columns` are left out)."""
+    def write(f: IO) -> None:
+        table = csv.DictWriter(f, fieldnames=list(columns or rows[0]), extrasaction="ignore")
+        table.writeheader()
+        table.writerows(rows)
+
+    return atomic_write(path, write)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

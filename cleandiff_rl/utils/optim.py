@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from cleandiff_rl.utils.distributed import all_reduce_gradients
 from cleandiff_rl.utils.fast import fast_paths_enabled
 
 
@@ -15,14 +16,20 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, parameters: I
                    max_norm: float | None = None) -> Tensor:
     """Backpropagate `loss`, clip the gradient norm (when `max_norm` is set) and step; return the norm.
 
+    `parameters` are the ones `optimizer` steps. Under torchrun their gradients are first averaged over the
+    processes (`all_reduce_gradients`, what DistributedDataParallel does), so the clipping and the step see
+    the gradient of the global batch, as in one process; every agent's update goes through here.
+
     Nothing here reads a value back to the host, so a whole update can be captured in a CUDA graph
-    (`CudaGraphStep`); a NaN/inf loss is caught where the metrics are read (`finite_floats`).
+    (`CudaGraphStep`; on NCCL the all-reduce too); a NaN/inf loss is caught where the metrics are read
+    (`finite_floats`).
     On the CPU an Adam(W) steps fused (`utils.fast`), decided here because a checkpoint's optimizer
     state may come from another device.
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parameters = list(parameters)
+    all_reduce_gradients(parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm else math.inf)
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         fused = fast_paths_enabled() and parameters[0].device.type == "cpu"

@@ -1,0 +1,160 @@
+"""Grids on Hydra's launchers: parallel local jobs, submitit (local executor; a SLURM array job built but
+not submitted) and a training that saves and requeues when the cluster signals preemption."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from offline_data import random_dataset
+from omegaconf import DictConfig
+
+from cleandiff_rl.agents import BC
+from cleandiff_rl.launching import launch
+from cleandiff_rl.training import CONFIG_DIR, compose_config, register_configs, train
+from cleandiff_rl.utils import load_checkpoint
+
+TRAIN = Path(__file__).resolve().parents[1] / "pipelines" / "train.py"
+TINY = ["steps=20", "eval_every=0", "log_every=10", "device=cpu", "algo.params.hidden_dim=32"]
+
+
+@pytest.fixture
+def hopper_random(minari_root) -> str:
+    random_dataset("test/hopper/random-v0", n_steps=600)
+    return "test/hopper/random-v0"
+
+
+def run_train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(TRAIN), *overrides], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def tensors(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(tensors(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = (tensors(load_checkpoint(run / "checkpoint.pt")["model"]) for run in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(torch.as_tensor(wa[key]), torch.as_tensor(wb[key])) for key in wa)
+
+
+def launcher_config(*overrides: str) -> DictConfig:
+    """The `hydra.launcher` node that `train.py <overrides>` would get."""
+    register_configs()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True).hydra.launcher
+
+
+def test_a_grid_of_12_runs_on_two_local_processes_matches_the_runs_one_by_one(hopper_random, tmp_path):
+    """`train.py -m` over 2 algorithms x 3 seeds x 2 batch sizes on the local launcher (2 processes): 12 run
+    folders, one per job (the batch size, a setting beyond the folder's name, is appended to it), each
+    holding the weights the same training gives alone."""
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    run_train(grid, "-m", "hydra/launcher=local", "algo=bc,diffusion_bc", "seed=0,1,2", "batch_size=32,64",
+              f"dataset={hopper_random}", *TINY)
+    runs = sorted(p.parent.relative_to(grid / "runs" / "train") for p in grid.glob("runs/train/*/*/checkpoint.pt"))
+    assert [str(r) for r in runs] == [f"{algo}/test_hopper_random-v0-seed{seed}+algo.params.hidden_dim:32+batch_size:{batch}"
+                                      for algo in ("bc", "diffusion_bc") for seed in (0, 1, 2) for batch in (32, 64)]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for algo, seed in (("bc", 1), ("diffusion_bc", 2)):
+        run_train(alone, f"algo={algo}", f"seed={seed}", "batch_size=64", f"dataset={hopper_random}", *TINY)
+        name = f"{algo}/test_hopper_random-v0-seed{seed}+algo.params.hidden_dim:32+batch_size:64"
+        assert same_weights(grid / "runs" / "train" / name, alone / "runs" / "train" / name)
+    assert not same_weights(*(grid / f"runs/train/bc/test_hopper_random-v0-seed{seed}+algo.params.hidden_dim:32+batch_size:64"
+                              for seed in (0, 1)))
+
+
+def test_submitit_runs_the_jobs_locally_and_builds_a_slurm_array_job_without_submitting(hopper_random, tmp_path,
+                                                                                        monkeypatch):
+    """submitit's local executor runs launched trainings in their own processes, with the weights of the same
+    training run here; `hydra/launcher=slurm` builds one array job with the documented resources, a
+    preemption signal and a pickled task per training, stopped here just before `sbatch`."""
+    jobs = [[f"dataset={hopper_random}", "algo=bc", f"seed={seed}", *TINY, f"run_dir={tmp_path / f'seed{seed}'}"]
+            for seed in (0, 1)]
+    local = launcher_config("hydra/launcher=submitit_local")
+    paths = launch(train, "train", jobs, local, tmp_path / "sweep")
+    assert paths == [tmp_path / "seed0" / "checkpoint.pt", tmp_path / "seed1" / "checkpoint.pt"]
+    train(compose_config([*jobs[1][:-1], f"run_dir={tmp_path / 'here'}"]))
+    assert same_weights(tmp_path / "seed1", tmp_path / "here")
+
+    import submitit
+
+    built = {}
+
+    def stop_before_sbatch(executor, command):
+        built["sbatch"] = executor._make_submission_file_text(command, "uid")
+        raise KeyboardInterrupt("stopped before sbatch")
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # as if srun were here
+    monkeypatch.setattr(submitit.SlurmExecutor, "_submit_command", stop_before_sbatch)
+    slurm = launcher_config("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.array_parallelism=2")
+    grid = [[f"dataset={hopper_random}", f"algo={algo}", f"seed={seed}"] for algo in ("dql", "idql") for seed in (0, 1, 2)]
+    with pytest.raises(KeyboardInterrupt, match="before sbatch"):
+        launch(train, "train", grid, slurm, tmp_path / "slurm")
+    sbatch = built["sbatch"]
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --time=240", "#SBATCH --mem=32GB", "#SBATCH --array=0-5%2", "#SBATCH --signal=USR2@120"):
+        assert line in sbatch, sbatch
+    assert len(list((tmp_path / "slurm" / ".submitit").rglob("*.pkl"))) == 6
+
+
+def test_a_preempted_training_saves_at_once_hands_the_signal_on_and_resumes_exactly(hopper_random, tmp_path,
+                                                                                   monkeypatch):
+    """The preemption signal (SIGUSR2) stops a training after the update in flight: it writes its checkpoint
+    at that step, then calls the handler that was there (submitit's requeue-and-exit); the requeued run
+    resumes from it and ends with the weights of a run never stopped."""
+    overrides = [f"dataset={hopper_random}", "algo=bc", "steps=30", "eval_every=0", "log_every=5", "device=cpu",
+                 "algo.params.hidden_dim=32", "checkpoint_every=1000"]
+    train(compose_config([*overrides, f"run_dir={tmp_path / 'whole'}"]))
+
+    step = BC.train_step
+    calls = []
+
+    def train_step(agent, batch):
+        calls.append(1)
+        if len(calls) == 12:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return step(agent, batch)
+
+    def requeue_and_exit(signum, frame):  # what submitit's handler does
+        raise SystemExit(-1)
+
+    monkeypatch.setattr(BC, "train_step", train_step)
+    previous = signal.signal(signal.SIGUSR2, requeue_and_exit)
+    try:
+        with pytest.raises(SystemExit):
+            train(compose_config([*overrides, f"run_dir={tmp_path / 'requeued'}"]))
+        assert signal.getsignal(signal.SIGUSR2) is requeue_and_exit
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert load_checkpoint(tmp_path / "requeued" / "checkpoint.pt")["step"] == 12
+    train(compose_config([*overrides, f"run_dir={tmp_path / 'requeued'}"]))
+    assert load_checkpoint(tmp_path / "requeued" / "checkpoint.pt")["step"] == 30
+    assert same_weights(tmp_path / "whole", tmp_path / "requeued")
+
+
+def test_a_run_folder_holding_other_settings_is_not_resumed(hopper_random, tmp_path):
+    """Pointing a training at a folder whose checkpoint was trained with another seed, batch or parameter
+    is one clear error (it used to continue that run, or report it finished); run-only settings resume."""
+    base = [f"dataset={hopper_random}", "algo=bc", "steps=10", "eval_every=0", "device=cpu", "batch_size=32",
+            "algo.params.hidden_dim=32", f"run_dir={tmp_path / 'run'}"]
+    train(compose_config(base))
+    with pytest.raises(ValueError, match=r"other settings \(algo.params.lr: 0.0003 -> 0.001\)"):
+        train(compose_config([*base, "algo.params.lr=1e-3"]))
+    with pytest.raises(ValueError, match=r"other settings \(batch_size: 32 -> 64, seed: 0 -> 1\)"):
+        train(compose_config([*base, "batch_size=64", "seed=1"]))
+    train(compose_config([*base, "steps=20", "log_every=5", "threads=1"]))
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 20

@@ -197,6 +197,18 @@ def test_fql_distils_the_flow_into_a_one_step_actor_that_acts_in_one_call(minari
     agent.act(np.zeros((5, 4)), solver="ode_dpmsolver++_2M", steps=3)
     assert calls == {"actor": 1, "flow": 3} and network_calls(agent)["nfe"] == 3
 
+    agent.config.acting, agent.config.num_candidates = "onestep", 8  # best of 8 by Q: still one batched call
+    obs = torch.randn(3, 4)
+    picked = agent.act(obs.numpy(), generator=torch.Generator().manual_seed(1))
+    assert calls["actor"] == 2 and network_calls(agent)["nfe"] == 1 and agent.obs_normalizer is None
+    noise = torch.randn(24, 1, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        obs_rep = obs.repeat_interleave(8, 0)  # this agent has no observation normalizer
+        candidates = agent.one_step(obs_rep, noise)
+        q = sum(agent.critic(obs_rep, candidates)).view(3, 8)
+    best = agent.unnormalize_action(candidates.view(3, 8, 1)[torch.arange(3), q.argmax(-1)])
+    assert np.allclose(picked, best.numpy(), atol=1e-6) and q.std(-1).min() > 0
+
 
 def test_fql_checkpoint_sweeps_its_flow_policy_and_a_rerun_replaces_the_sweep_logs(hopper_random, tmp_path):
     """An FQL checkpoint acts in one step (evaluate: nfe 1); the sweep needs `acting: flow` and then counts

@@ -14,8 +14,11 @@ Per update (seohongpark/fql, agents/fql.py):
 The original sums the three losses and takes one Adam step; their parameters are disjoint, so separate
 Adam steps give the same update, except that here the critic steps first and the actor's Q term sees
 the stepped critic (as in Diffusion-QL).
-Acting (`acting: onestep`): a = mu(s, z), z ~ N(0, temperature^2 I), one network call. `acting: flow`
-samples the BC flow policy instead, with any solver and steps (no critic): what a sweep compares.
+Acting (`acting: onestep`): a = mu(s, z), z ~ N(0, temperature^2 I), one network call. With
+`num_candidates` N > 1 (this project's option; the paper acts with one), N noises give N actions in one
+batched call and the critics' mean Q picks the best (as Diffusion-QL and IDQL select their candidates).
+`acting: flow` samples the BC flow policy instead, with any solver and steps (no critic): what a sweep
+compares.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 
 from cleandiff_rl.agents.base import Agent
-from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_model, soft_update
+from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_model, select, soft_update
 from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.nn import FlowMlp
 from cleandiff_rl.nn.layers import mlp
@@ -59,6 +62,7 @@ class FQLConfig(DiffusionActorConfig):
     tau: float = 0.005
     critic_lr: float = 3e-4
     acting: str = "onestep"  # onestep (the paper's) or flow (the BC flow policy, any solver and steps)
+    num_candidates: int = 1  # onestep acting: draw N actions mu(s, z) and keep the one with the highest Q
 
 
 class FQL(Agent):
@@ -73,6 +77,8 @@ class FQL(Agent):
             raise ValueError(f"FQL aggregates its two critics by 'mean' or 'min', got {cfg.q_agg!r}")
         if cfg.acting not in ACTING:
             raise ValueError(f"unknown acting {cfg.acting!r}; valid: {', '.join(ACTING)}")
+        if cfg.num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {cfg.num_candidates}")
         hidden = (cfg.hidden_dim,) * cfg.n_layers
         self.flow = diffusion_model(cfg, FlowMlp(act_dim, obs_dim, cfg.hidden_dim, cfg.n_layers), device=self.device)
         # the teacher's ODE starts at its grid's first level, from noise z scaled to the noise level there
@@ -146,6 +152,12 @@ class FQL(Agent):
             action, self.last_sample_log = self.flow.sample(prior, solver=solver, steps=steps, condition_cfg=obs,
                                                             temperature=cfg.temperature, generator=generator)
             return action.clamp(-1.0, 1.0)
-        noise = torch.randn(obs.shape[0], self.act_dim, generator=generator, device=obs.device).mul_(cfg.temperature)
-        self.last_sample_log = {"nfe": 1, "classifier_calls": 0, "cfg_batched": False}
-        return self.one_step(obs, noise)
+        n = cfg.num_candidates
+        obs_rep = obs.repeat_interleave(n, 0)
+        noise = torch.randn(obs_rep.shape[0], self.act_dim, generator=generator, device=obs.device).mul_(cfg.temperature)
+        self.last_sample_log = {"nfe": 1, "classifier_calls": 0, "cfg_batched": False}  # per candidate
+        actions = self.one_step(obs_rep, noise)
+        if n == 1:
+            return actions
+        q1, q2 = self.critic(obs_rep, actions)
+        return select(actions, (q1 + q2) / 2, n, "argmax")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import gymnasium as gym
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -137,7 +138,8 @@ def evaluate_checkpoint(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     policy = load_policy(str(cfg["checkpoint"]), cfg["device"], temperature=cfg["temperature"], threads=None)
-    settings = dict(cfg.get("settings") or {})
+    settings = cfg.get("settings") or {}
+    settings = OmegaConf.to_container(settings) if isinstance(settings, DictConfig) else dict(settings)
     policy.with_settings(settings)
     result = evaluate(policy, cfg["env_id"], episodes=cfg["episodes"], seed=cfg["seed"], solver=cfg["solver"],
                       steps=cfg["steps"], progress=True)

@@ -5,12 +5,14 @@ The benchmark suite needs more than a grid (each algorithm has its own overrides
 Hydra's launcher an explicit list of override lists. Whatever launcher the calling pipeline was given
 (`hydra/launcher=joblib`, `submitit_slurm`, `slurm`, `submitit_local`, ...) runs them, so one command
 scales from a laptop to a cluster. This uses Hydra 1.3's launcher interface (`Launcher.launch`), the one
-its sweepers call.
+its sweepers call, and its `Callbacks` (private in 1.3), as its own multirun does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ def current_launcher(cfg: DictConfig) -> DictConfig:
     job and sweep folders (`${hydra.sweep.dir}`) kept, to follow each launch."""
     launcher = OmegaConf.to_container(HydraConfig.get().launcher, resolve=False)
     scope = OmegaConf.merge(OmegaConf.to_container(cfg, resolve=False), {"launcher": launcher})
-    resolved = {key: value if isinstance(value, str) and value.startswith("${hydra.") else scope.launcher[key]
+    resolved = {key: value if isinstance(value, str) and "${hydra." in value else scope.launcher[key]
                 for key, value in launcher.items()}
     return OmegaConf.create(resolved)
 
@@ -67,7 +69,7 @@ def launch(task: Callable[[DictConfig], Any], config_name: str, jobs: Sequence[S
         if not GlobalHydra.instance().is_initialized():
             stack.enter_context(initialize_config_dir(str(CONFIG_DIR), version_base="1.3"))
         loader = GlobalHydra.instance().config_loader()
-        config = loader.load_configuration(config_name, [f"hydra.sweep.dir={Path(sweep_dir).resolve()}",
+        config = loader.load_configuration(config_name, [override("hydra.sweep.dir", Path(sweep_dir).resolve()),
                                                          f"hydra.job.name={config_name}"], run_mode=RunMode.MULTIRUN)
         with open_dict(config.hydra):
             config.hydra.launcher = launcher
@@ -79,9 +81,12 @@ def launch(task: Callable[[DictConfig], Any], config_name: str, jobs: Sequence[S
 
 
 def override(key: str, value: Any) -> str:
-    """`key=value` as a Hydra override that keeps `value` a literal string (paths may hold '=', spaces, ...)."""
-    text = str(value).replace('"', '\\"')  # in a quoted Hydra string only quotes need escaping
-    return f'{key}="{text}"'
+    """`key=value` as a Hydra override that keeps `value`'s type: a string stays a literal string (paths may
+    hold '=', ',', spaces), None is null, numbers and booleans stay what they are."""
+    if isinstance(value, (str, os.PathLike)):
+        text = str(value).replace('"', '\\"')  # in a quoted Hydra string only quotes need escaping
+        return f'{key}="{text}"'
+    return f"{key}={json.dumps(value)}"  # null, true/false, numbers, [lists] and {maps} read as Hydra values
 
 
 def launcher_name(launcher: DictConfig) -> str:

@@ -199,14 +199,27 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
     sums: dict[str, Tensor] = {}
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"{algo_cls.name} {cfg.dataset}",
                dynamic_ncols=True, mininterval=1.0, disable=not lead)
-    with Preemption() as preemption:  # a cluster's stop signal: save after this update, then requeue
+    def checkpoint() -> None:
+        """Rank 0 writes the state after update `done`, and flushes TensorBoard."""
+        if lead:
+            agent.save(ckpt_path, step=done, rng=_rng_state(generator), run_config=config,
+                       wall_seconds=time.perf_counter() - clock, eval_seconds=eval_seconds)
+            writer.flush()
+
+    done = start
+    # A cluster's stop signal saves and requeues (one process only: under torchrun the ranks would have to agree)
+    with Preemption(checkpoint if world == 1 else None) as preemption:
         for step in bar:
+            preemption.safe = False  # until the update ends, the state is no checkpoint's
             batch = data.sample(int(cfg.batch_size) * agent.batches_per_step, generator)  # the global batch
             metrics = step_fn(rank_share(batch, agent.batches_per_step))
             agent.after_step()
+            done = step + 1
+            preemption.safe = True
+            if preemption.requested:
+                preemption.save_and_forward()
             for key, value in metrics.items():  # summed on the device: no sync until the next log
                 sums[key] = sums[key] + value if key in sums else value.clone()
-            done = step + 1
             if done % cfg.log_every == 0 or done == total:
                 count = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
                 global_means = mean_over_ranks(torch.stack([value / count for value in sums.values()]))  # all ranks'
@@ -227,11 +240,8 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
                 bar.write(f"step {done}: return {result['return_mean']:.1f} ± {result['return_se']:.1f}"
                           + (f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""))
                 eval_seconds += time.perf_counter() - eval_start
-            if lead and (done % cfg.checkpoint_every == 0 or done == total or preemption.requested):
-                agent.save(ckpt_path, step=done, rng=_rng_state(generator), run_config=config,
-                           wall_seconds=time.perf_counter() - clock, eval_seconds=eval_seconds)
-            if preemption.requested:
-                preemption.forward()
+            if done % cfg.checkpoint_every == 0 or done == total:
+                checkpoint()
     if lead:
         writer.close()
     barrier()  # the others wait for rank 0's final evaluation and checkpoint

@@ -126,7 +126,8 @@ def load_run(folder: Path, state: dict, evaluation: Path | None, sweep: Path | N
     if state["step"] < config["steps"]:
         raise ValueError(f"{folder} is unfinished ({state['step']} of {config['steps']} updates): finish it "
                          "(rerun its train.py command) or leave it out")
-    algo = config["algo"]["name"]
+    variant = Path(folder).name.partition("+")[2]  # train.py's folder suffix for settings given beyond the seed
+    algo = config["algo"]["name"] + (f"+{variant}" if variant else "")
     settings = {key: value for key, value in flatten(config).items()
                 if not any(key == name or key.startswith(f"{name}.") for name in IGNORED)}
     if evaluation is not None:
@@ -164,12 +165,14 @@ def find_runs(folders: list[Path]) -> tuple[list[Run], list[str]]:
     if not states:
         raise ValueError(f"no training runs (train.py's checkpoint.pt) under {', '.join(map(str, folders))}")
 
-    names = {checkpoint_name(folder / "checkpoint.pt"): folder for folder in states}
+    names: dict[str, list[Path]] = {}  # evaluate.py's and sweep.py's folder names -> the runs they may mean
+    for folder in states:
+        names.setdefault(checkpoint_name(str(folder / "checkpoint.pt")), []).append(folder)
     results: dict[tuple[Path, str], list[Path]] = {}  # (run folder, file name) -> its results
     for kind in ("evaluation.json", "sweep.json"):
         for path in found[kind]:
             owners = [folder for folder in states if folder in path.parents or path.parent == folder.parent]
-            owners += [names[path.parent.parent.name]] if path.parent.parent.name in names else []
+            owners += names.get(path.parent.parent.name, [])
             if len(set(owners)) > 1:
                 raise ValueError(f"{shown(path)} could belong to several runs "
                                  f"({', '.join(str(shown(owner)) for owner in owners)}); pass fewer folders")
@@ -197,7 +200,12 @@ def find_runs(folders: list[Path]) -> tuple[list[Run], list[str]]:
 
 def check_same(what: str, items: list[tuple[Path, dict]]) -> None:
     """One clear error when the settings in `items` differ: the differing keys, and which folders hold what."""
-    keys = sorted({key for _, s in items for key in s if len({repr(x.get(key, "<unset>")) for _, x in items}) > 1})
+    if not items:
+        return
+    # a training setting only some runs record came in with newer code; how a score was measured always counts
+    compared = set.intersection(*(set(s) for _, s in items))
+    compared |= {key for _, s in items for key in s if key.startswith("evaluation.")}
+    keys = sorted(key for key in compared if len({repr(s.get(key, "<unset>")) for _, s in items}) > 1)
     if not keys:
         return
     listed = keys[:5]

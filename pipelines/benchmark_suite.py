@@ -151,7 +151,7 @@ def evaluation_job(checkpoint: Path, folder: Path, settings: dict, cfg: DictConf
             return None
     return [override("checkpoint", checkpoint), override("run_dir", folder), f"episodes={cfg.episodes}",
             f"seed={cfg.seed + 1000}",
-            f"device={cfg.device}", *(f"+settings.{key}={value}" for key, value in settings.items())]
+            f"device={cfg.device}", *(override(f"+settings.{key}", value) for key, value in settings.items())]
 
 
 def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
@@ -220,8 +220,8 @@ def main(cfg: DictConfig) -> None:
 
     evaluations = []  # (dataset, algo, label, act settings): each algorithm's default acting, then its variants
     for d, algo in cells:
-        variants = cfg.act_variants.get(algo) or {}
-        evaluations += [(d, algo, algo, {})] + [(d, algo, f"{algo} ({name})", dict(s)) for name, s in variants.items()]
+        variants = OmegaConf.to_container(cfg.act_variants.get(algo) or {})
+        evaluations += [(d, algo, algo, {})] + [(d, algo, f"{algo} ({name})", s) for name, s in variants.items()]
     folders = [out / d.name / algo / "evaluations" / re.sub(r"[^A-Za-z0-9.=_-]+", "_", label)
                for d, algo, label, _ in evaluations]
     jobs = [evaluation_job(out / d.name / algo / "checkpoint.pt", folder, settings, cfg)

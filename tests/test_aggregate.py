@@ -21,9 +21,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cleandiff_rl.evaluation import COLUMNS, write_sweep
 from cleandiff_rl.training import checkpoint_name, compose_config
-from cleandiff_rl.utils import atomic_save
+from cleandiff_rl.utils import atomic_save, load_checkpoint
 
-pytest.importorskip("rliable")
+import rliable  # noqa: F401  (the test extra installs it: these tests must not skip)
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 sys.path.insert(0, str(PIPELINES))
 try:
@@ -43,10 +43,12 @@ def train_config(algo: str, task: str, overrides: tuple[str, ...]) -> dict:
                                   resolve=True)
 
 
-def fake_run(root: Path, algo: str, task: str, seed: int, score: float, *overrides: str, step: int = 100) -> Path:
+def fake_run(root: Path, algo: str, task: str, seed: int, score: float, *overrides: str, step: int = 100,
+             suffix: str = "") -> Path:
     """A training run folder as train.py leaves it, without training: checkpoint.pt (run_config, step) and
-    TensorBoard eval/score at update 50 (a decoy) and at the last update (`score`)."""
-    folder = root / "train" / algo / f"{task}-seed{seed}"
+    TensorBoard eval/score at update 50 (a decoy) and at the last update (`score`). `suffix`: what train.py
+    appends to the folder's name for settings beyond the seed."""
+    folder = root / "train" / algo / f"{task}-seed{seed}{suffix}"
     config = copy.deepcopy(train_config(algo, task, overrides)) | {"seed": seed, "run_dir": str(folder)}
     atomic_save({"algo": algo, "run_config": config, "step": step}, folder / "checkpoint.pt")
     with SummaryWriter(str(folder / "tb")) as writer:
@@ -136,6 +138,24 @@ def test_runs_that_differ_beyond_the_seed_are_refused_and_nothing_is_written(tmp
         "(algo.params.lr=0.0003 in runs/train/bc/hopper-medium-seed0, runs/train/bc/hopper-medium-seed1; "
         "algo.params.lr=0.001 in runs/train/bc/hopper-medium-seed2); aggregate them separately")
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_named_for_other_settings_are_their_own_row(tmp_path):
+    """train.py's `+key:value` folders beside the default runs form their own row (a variant, not a
+    refusal), and a setting that only newer runs record does not count as a difference."""
+    runs = tmp_path / "runs"
+    for seed in range(2):
+        fake_run(runs, "bc", "hopper-medium", seed, 40.0 + seed)
+        fake_run(runs, "bc", "hopper-medium", seed, 60.0 + seed, "algo.params.lr=0.001",
+                 suffix="+algo.params.lr:0.001")
+    older = load_checkpoint(runs / "train/bc/hopper-medium-seed0/checkpoint.pt")
+    del older["run_config"]["algo"]["params"]["lr"]  # as if written before the setting existed
+    atomic_save(older, runs / "train/bc/hopper-medium-seed0/checkpoint.pt")
+    done = run_aggregate(tmp_path, "runs=runs", "run_dir=out", "reps=50")
+    assert done.returncode == 0, done.stderr
+    rows = {(r["algo"], r["statistic"]): r for r in json.loads((tmp_path / "out/results.json").read_text())["results"]}
+    assert rows["bc", "mean over seeds"]["score"] == pytest.approx(40.5)
+    assert rows["bc+algo.params.lr:0.001", "mean over seeds"]["score"] == pytest.approx(60.5)
 
 
 def test_where_a_score_comes_from_and_what_is_refused(tmp_path, monkeypatch):

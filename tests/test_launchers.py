@@ -113,37 +113,50 @@ def test_submitit_runs_the_jobs_locally_and_builds_a_slurm_array_job_without_sub
 
 def test_a_preempted_training_saves_at_once_hands_the_signal_on_and_resumes_exactly(hopper_random, tmp_path,
                                                                                    monkeypatch):
-    """The preemption signal (SIGUSR2) stops a training after the update in flight: it writes its checkpoint
-    at that step, then calls the handler that was there (submitit's requeue-and-exit); the requeued run
-    resumes from it and ends with the weights of a run never stopped."""
+    """The preemption signal (SIGUSR2) during an update stops the training once the update ends; between
+    updates (here, in an evaluation) at once. Either way it first writes its checkpoint at that update,
+    then calls the handler that was there (submitit's requeue-and-exit); the requeued run resumes from it
+    and ends with the weights of a run never stopped."""
+    import cleandiff_rl.training
+
     overrides = [f"dataset={hopper_random}", "algo=bc", "steps=30", "eval_every=0", "log_every=5", "device=cpu",
                  "algo.params.hidden_dim=32", "checkpoint_every=1000"]
     train(compose_config([*overrides, f"run_dir={tmp_path / 'whole'}"]))
 
-    step = BC.train_step
-    calls = []
+    step, calls, requeued = BC.train_step, [], []
 
-    def train_step(agent, batch):
+    def preempted_in_update_12(agent, batch):
         calls.append(1)
         if len(calls) == 12:
             os.kill(os.getpid(), signal.SIGUSR2)
         return step(agent, batch)
 
+    def preempted_in_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        raise AssertionError("the signal should have stopped the run")
+
     def requeue_and_exit(signum, frame):  # what submitit's handler does
+        requeued.append(signum)
         raise SystemExit(-1)
 
-    monkeypatch.setattr(BC, "train_step", train_step)
     previous = signal.signal(signal.SIGUSR2, requeue_and_exit)
     try:
-        with pytest.raises(SystemExit):
-            train(compose_config([*overrides, f"run_dir={tmp_path / 'requeued'}"]))
-        assert signal.getsignal(signal.SIGUSR2) is requeue_and_exit
+        with monkeypatch.context() as patch:
+            patch.setattr(BC, "train_step", preempted_in_update_12)
+            with pytest.raises(SystemExit):
+                train(compose_config([*overrides, f"run_dir={tmp_path / 'update'}"]))
+        with monkeypatch.context() as patch:
+            patch.setattr(cleandiff_rl.training, "evaluate", preempted_in_evaluation)
+            with pytest.raises(SystemExit):
+                train(compose_config([*overrides, "eval_every=10", f"run_dir={tmp_path / 'evaluation'}"]))
+        assert requeued == [signal.SIGUSR2] * 2 and signal.getsignal(signal.SIGUSR2) is requeue_and_exit
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    assert load_checkpoint(tmp_path / "requeued" / "checkpoint.pt")["step"] == 12
-    train(compose_config([*overrides, f"run_dir={tmp_path / 'requeued'}"]))
-    assert load_checkpoint(tmp_path / "requeued" / "checkpoint.pt")["step"] == 30
-    assert same_weights(tmp_path / "whole", tmp_path / "requeued")
+    assert load_checkpoint(tmp_path / "update" / "checkpoint.pt")["step"] == 12
+    assert load_checkpoint(tmp_path / "evaluation" / "checkpoint.pt")["step"] == 10
+    train(compose_config([*overrides, f"run_dir={tmp_path / 'update'}"]))
+    assert load_checkpoint(tmp_path / "update" / "checkpoint.pt")["step"] == 30
+    assert same_weights(tmp_path / "whole", tmp_path / "update")
 
 
 def test_a_run_folder_holding_other_settings_is_not_resumed(hopper_random, tmp_path):

@@ -34,10 +34,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], *, binary:
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
-    """Write `rows` as a CSV table through `atomic_write`: `columns` (default: the first row's keys), a
-    header, one line per row (keys outside `columns` are left out)."""
+    """Write `rows` as a CSV table through `atomic_write`: a header and one line per row. `columns` picks
+    the columns (other keys are left out); by default the first row's keys, and every row must fit them."""
     def write(f: IO) -> None:
-        table = csv.DictWriter(f, fieldnames=list(columns or rows[0]), extrasaction="ignore")
+        table = csv.DictWriter(f, fieldnames=list(columns or rows[0]), extrasaction="ignore" if columns else "raise")
         table.writeheader()
         table.writerows(rows)
 

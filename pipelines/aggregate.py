@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
@@ -34,6 +34,9 @@ from omegaconf import DictConfig
 from cleandiff_rl.training import checkpoint_name, run_name
 from cleandiff_rl.utils import atomic_write, load_checkpoint, write_csv
 from cleandiff_rl.utils.cli import user_errors
+
+if TYPE_CHECKING:  # matplotlib loads with rliable, only when the pipeline runs
+    from matplotlib.figure import Figure
 
 # run_config keys that change neither what a run learns nor how its score is measured; every other key
 # must match across the seeds of one dataset x algorithm. `task` reaches a run only through algo.params
@@ -304,6 +307,7 @@ def average_curves(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
 
 
 def cell(score: float, se: float | None, runs: int) -> str:
+    """A table cell: "mean ± s.e. (runs)"."""
     return f"{score:.1f}" + ("" if se is None else f" ± {se:.1f}") + f" ({runs})"
 
 
@@ -339,7 +343,7 @@ def format_curves(curves: list[dict]) -> str:
     return "\n\n".join(blocks)
 
 
-def interval_figure(rows: list[dict], plot_utils: Any):  # -> matplotlib Figure
+def interval_figure(rows: list[dict], plot_utils: Any) -> Figure:
     """rliable's interval plot: IQM and mean per algorithm, point estimate and confidence interval."""
     by = {(r["algo"], r["statistic"]): r for r in rows}
     algos = sorted({r["algo"] for r in rows})
@@ -351,7 +355,7 @@ def interval_figure(rows: list[dict], plot_utils: Any):  # -> matplotlib Figure
     return fig
 
 
-def curve_figure(curves: list[dict]):  # -> matplotlib Figure
+def curve_figure(curves: list[dict]) -> Figure:
     """Score vs NFE (log axis), one line per solver with s.e. bars, one panel per dataset x algorithm."""
     from matplotlib.figure import Figure
 

@@ -220,7 +220,7 @@ def main(cfg: DictConfig) -> None:
 
     evaluations = []  # (dataset, algo, label, act settings): each algorithm's default acting, then its variants
     for d, algo in cells:
-        variants = OmegaConf.to_container(cfg.act_variants.get(algo) or {})
+        variants = OmegaConf.to_container(cfg.act_variants[algo]) if cfg.act_variants.get(algo) else {}
         evaluations += [(d, algo, algo, {})] + [(d, algo, f"{algo} ({name})", s) for name, s in variants.items()]
     folders = [out / d.name / algo / "evaluations" / re.sub(r"[^A-Za-z0-9.=_-]+", "_", label)
                for d, algo, label, _ in evaluations]

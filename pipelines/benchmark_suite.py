@@ -1,6 +1,6 @@
 """Many datasets x algorithms in one command: build what is missing, train, evaluate, tabulate.
 
-    python pipelines/benchmark_suite.py                                    # CPU preset: 9 tasks x 4 algorithms
+    python pipelines/benchmark_suite.py                                    # CPU preset: 9 tasks x 5 algorithms
     python pipelines/benchmark_suite.py 'datasets=[hopper-medium-replay]' 'algos=[dql,bc]'
     python pipelines/benchmark_suite.py 'datasets=[mujoco/hopper/medium-v0]'   # any Minari id
     python pipelines/benchmark_suite.py suite=gpu                          # paper-order budgets on one GPU

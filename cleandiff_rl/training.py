@@ -160,7 +160,8 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
     if resumed is not None and (resumed["algo"], resumed["dataset_id"]) != (algo_cls.name, cfg.dataset):
         raise ValueError(f"{ckpt_path} holds {resumed['algo']} on {resumed['dataset_id']}, not {algo_cls.name} on "
                          f"{cfg.dataset}; choose another run_dir or pass resume=false")
-    changed = [] if resumed is None else changed_settings(resumed["run_config"], OmegaConf.to_container(cfg, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    changed = [] if resumed is None else changed_settings(resumed["run_config"], config)
     if changed:
         raise ValueError(f"{ckpt_path} was trained with other settings ({', '.join(changed)}); choose another run_dir "
                          "or pass resume=false")
@@ -187,7 +188,6 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
 
     data.map_actions(agent.normalize_action)  # the networks see actions in [-1, 1]
     total = int(cfg.steps)
-    config = OmegaConf.to_container(cfg, resolve=True)
     writer = None
     if lead:  # resumed: hide what an interrupted run logged after the checkpoint's step (that step's points stay)
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else 0)
@@ -199,6 +199,7 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
     sums: dict[str, Tensor] = {}
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"{algo_cls.name} {cfg.dataset}",
                dynamic_ncols=True, mininterval=1.0, disable=not lead)
+
     def checkpoint() -> None:
         """Rank 0 writes the state after update `done`, and flushes TensorBoard."""
         if lead:

@@ -150,8 +150,8 @@ def evaluation_job(checkpoint: Path, folder: Path, settings: dict, cfg: DictConf
         if (record["episodes"], record.get("seed"), record["settings"]) == (cfg.episodes, cfg.seed + 1000, settings):
             return None
     return [override("checkpoint", checkpoint), override("run_dir", folder), f"episodes={cfg.episodes}",
-            f"seed={cfg.seed + 1000}",
-            f"device={cfg.device}", *(override(f"+settings.{key}", value) for key, value in settings.items())]
+            f"seed={cfg.seed + 1000}", f"device={cfg.device}",
+            *(override(f"+settings.{key}", value) for key, value in settings.items())]
 
 
 def format_table(rows: list[dict], datasets: list[Dataset]) -> str:

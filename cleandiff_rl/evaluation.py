@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # matplotlib loads only for planner figures: it costs every p
 
 COLUMNS = ("solver", "steps", "nfe", "guidance_calls", "cfg_batched", "score_mean", "score_se", "return_mean",
            "return_se", "length_mean", "time_per_action_ms", "error")
+SWEEP_STEPS = (1, 2, 5, 10, 20)  # sampling steps a sweep tries by default
 
 
 def _env_id(policy: Agent, env_id: str | None) -> str:
@@ -173,8 +174,26 @@ def write_sweep(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Pat
     return out / "sweep.csv", out / "sweep.json"
 
 
+def _check_sweep(policy: Agent, env_id: str | None, solvers: Sequence[str], steps: Sequence[int]) -> str:
+    """Refuse a sweep that cannot run (before anything is written); return its env id."""
+    if not policy.is_diffusion:
+        raise ValueError(f"sweep needs a diffusion policy; {policy.name!r} acts without a solver or steps "
+                         "(use evaluate; an FQL checkpoint sweeps its flow policy with +settings.acting=flow)")
+    for name in solvers:
+        get_solver(name)
+    if not all(isinstance(n, int) and n >= 1 for n in steps):
+        raise ValueError(f"steps must be positive integers, got {list(steps)}")
+    env_id = _env_id(policy, env_id)
+    env = gym.make(env_id)
+    try:
+        _check_spaces(policy, env_id, env.observation_space, env.action_space)
+    finally:
+        env.close()
+    return env_id
+
+
 def sweep(policy: Agent, env_id: str | None = None, *, solvers: Sequence[str] = CROSS_SOLVERS,
-          steps: Sequence[int] = (1, 2, 5, 10, 20), episodes: int = 10, seed: int = 0,
+          steps: Sequence[int] = SWEEP_STEPS, episodes: int = 10, seed: int = 0,
           out_dir: str | os.PathLike | None = None, writer: Any = None, progress: bool = True) -> list[dict]:
     """Evaluate one diffusion policy with every solver at every number of steps (same env seeds each).
 
@@ -182,20 +201,8 @@ def sweep(policy: Agent, env_id: str | None = None, *, solvers: Sequence[str] = 
     with `error` set and no scores. out_dir: sweep.csv / sweep.json, rewritten after every pair.
     writer: a SummaryWriter; scalars sweep/{score,return,time_per_action_ms}/<solver> against NFE.
     """
-    if not policy.is_diffusion:
-        raise ValueError(f"sweep needs a diffusion policy; {policy.name!r} acts without a solver or steps "
-                         "(use evaluate; an FQL checkpoint sweeps its flow policy with +settings.acting=flow)")
+    env_id = _check_sweep(policy, env_id, solvers, steps)
     solvers, steps = list(solvers), list(steps)
-    for name in solvers:
-        get_solver(name)
-    if not all(isinstance(n, int) and n >= 1 for n in steps):
-        raise ValueError(f"steps must be positive integers, got {steps}")
-    env_id = _env_id(policy, env_id)
-    env = gym.make(env_id)
-    try:
-        _check_spaces(policy, env_id, env.observation_space, env.action_space)
-    finally:
-        env.close()
     rows: list[dict] = []
     bar = tqdm(list(product(solvers, steps)), desc=f"sweep {env_id}", disable=not progress, dynamic_ncols=True)
     for solver, n in bar:
@@ -232,6 +239,7 @@ def sweep_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     """
     policy = load_policy(str(checkpoint), device, temperature=temperature, threads=None)  # the caller's threads
     policy.with_settings(settings or {})
+    _check_sweep(policy, env_id, kwargs.get("solvers", CROSS_SOLVERS), kwargs.get("steps", SWEEP_STEPS))
     for previous in Path(tb_dir).glob("events.out.tfevents.*"):
         previous.unlink()
     writer = SummaryWriter(str(tb_dir))

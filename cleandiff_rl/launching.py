@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,17 +31,24 @@ from cleandiff_rl.training import CONFIG_DIR, register_configs
 
 class Logged:
     """A job's task that writes its output (progress bars included) to `<cfg.run_dir>/log.txt` instead of
-    the launcher's terminal, where parallel jobs would overwrite each other's lines. Picklable, so that
-    joblib and submitit can ship it to their workers."""
+    the launcher's terminal, where parallel jobs would overwrite each other's lines. A job that fails in a
+    folder it created and wrote nothing else to removes it (the error still reaches the launcher).
+    Picklable, so that joblib and submitit can ship it to their workers."""
 
     def __init__(self, task: Callable[[DictConfig], Any]) -> None:
         self.task = task
 
     def __call__(self, cfg: DictConfig) -> Any:
-        log = Path(cfg.run_dir) / "log.txt"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            return self.task(cfg)
+        run_dir = Path(cfg.run_dir)
+        new = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(run_dir / "log.txt", "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                return self.task(cfg)
+        except BaseException:
+            if new and [p.name for p in run_dir.iterdir()] == ["log.txt"]:
+                shutil.rmtree(run_dir)
+            raise
 
 
 def current_launcher(cfg: DictConfig) -> DictConfig:

@@ -211,14 +211,15 @@ def test_fql_distils_the_flow_into_a_one_step_actor_that_acts_in_one_call(minari
 
 
 def test_fql_checkpoint_sweeps_its_flow_policy_and_a_rerun_replaces_the_sweep_logs(hopper_random, tmp_path):
-    """An FQL checkpoint acts in one step (evaluate: nfe 1); the sweep needs `acting: flow` and then counts
-    the flow's calls; sweeping again into the same folder leaves one TensorBoard event file."""
+    """An FQL checkpoint acts in one step (evaluate: nfe 1); the sweep needs `acting: flow` (refused without
+    it, writing nothing) and then counts the flow's calls; sweeping again into the same folder leaves one TensorBoard event file."""
     from cleandiff_rl.evaluation import sweep_checkpoint
 
     path = train(train_config("fql", hopper_random, tmp_path / "fql", steps=12))
     assert evaluate(load_policy(str(path)), episodes=2)["nfe"] == 1
     with pytest.raises(ValueError, match="settings.acting=flow"):
         sweep_checkpoint(path, tmp_path / "sweep", tmp_path / "sweep" / "tb", episodes=1, progress=False)
+    assert not (tmp_path / "sweep").exists()  # refused before anything is written
     for _ in range(2):
         rows = sweep_checkpoint(path, tmp_path / "sweep", tmp_path / "sweep" / "tb", settings={"acting": "flow"},
                                 solvers=["ddim", "heun"], steps=[2], episodes=1, progress=False)

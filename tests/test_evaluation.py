@@ -143,6 +143,24 @@ def test_sweep_rejects_bad_input_before_evaluating(tmp_path: Path, monkeypatch: 
     assert not (tmp_path / "out").exists()
 
 
+def test_one_process_at_a_time_writes_a_run_dir(tmp_path: Path):
+    """A second training or build into a folder in use is refused with one clear error; a folder the lock
+    made is gone again if nothing else was written to it."""
+    from cleandiff_rl.utils import exclusive_run_dir
+
+    with exclusive_run_dir(tmp_path / "run") as run_dir:
+        (run_dir / "checkpoint.pt").write_text("x")
+        with pytest.raises(FileExistsError, match="another process is writing to .*run"):
+            with exclusive_run_dir(run_dir):  # flock: a second open file, as another process would hold
+                pass
+    with exclusive_run_dir(tmp_path / "run"):  # released
+        pass
+    with pytest.raises(ValueError, match="refused"):
+        with exclusive_run_dir(tmp_path / "refused"):
+            raise ValueError("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_atomic_write_replaces_whole_files_or_nothing(tmp_path: Path):
     """Results and checkpoints go through one `atomic_write`: a write that fails half way leaves the previous
     file as it was and no temporary file behind."""

@@ -171,3 +171,34 @@ def test_a_run_folder_holding_other_settings_is_not_resumed(hopper_random, tmp_p
         train(compose_config([*base, "batch_size=64", "seed=1"]))
     train(compose_config([*base, "steps=20", "log_every=5", "threads=1"]))
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 20
+
+
+def _fails_on_input(cfg: DictConfig) -> None:
+    print("checking input")
+    raise ValueError("bad input")
+
+
+def _fails_after_writing(cfg: DictConfig) -> None:
+    (Path(cfg.run_dir) / "checkpoint.pt").write_text("partial")
+    raise RuntimeError("crashed")
+
+
+def test_a_logged_job_keeps_its_output_and_a_job_refused_in_a_new_folder_leaves_no_folder(tmp_path):
+    from omegaconf import OmegaConf
+
+    from cleandiff_rl.launching import Logged
+
+    def job(name: str) -> DictConfig:
+        return OmegaConf.create({"run_dir": str(tmp_path / name)})
+
+    with pytest.raises(ValueError, match="bad input"):
+        Logged(_fails_on_input)(job("refused"))
+    assert not (tmp_path / "refused").exists()
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(ValueError):
+        Logged(_fails_on_input)(job("existing"))  # a folder that was there stays, with the log of the failure
+    assert "checking input" in (tmp_path / "existing" / "log.txt").read_text()
+    with pytest.raises(RuntimeError):
+        Logged(_fails_after_writing)(job("crashed"))  # a job that wrote something keeps it, to resume or inspect
+    assert sorted(p.name for p in (tmp_path / "crashed").iterdir()) == ["checkpoint.pt", "log.txt"]
+    assert Logged(print)(job("ok")) is None and (tmp_path / "ok" / "log.txt").read_text().startswith("{'run_dir'")

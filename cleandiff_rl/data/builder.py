@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from cleandiff_rl.data.registry import LEVELS, TASKS, dataset_id, datasets_root, normalized_score
 from cleandiff_rl.data.sac import SACConfig, actor_from_snapshot, train_sac
-from cleandiff_rl.utils import load_checkpoint, resolve_device
+from cleandiff_rl.utils import exclusive_run_dir, load_checkpoint, resolve_device
 
 
 def collect(actor: torch.nn.Module, env_id: str, n_steps: int, seed: int, desc: str) -> list[EpisodeBuffer]:
@@ -189,8 +189,9 @@ def build_datasets(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     sac_cfg = SACConfig(**OmegaConf.to_container(cfg.sac, resolve=True))
     target = task.ref_max_score / 3.0 if cfg.medium_target is None else float(cfg.medium_target)
     needs_expert = bool({"expert", "medium-expert"} & set(cfg.levels))
-    record = train_sac(task.env_id, sac_cfg, run_dir, int(cfg.seed), device,
-                       stop_return=None if needs_expert else target)  # no expert wanted: stop at medium
+    with exclusive_run_dir(run_dir):  # SAC's checkpoints: one builder per run_dir
+        record = train_sac(task.env_id, sac_cfg, run_dir, int(cfg.seed), device,
+                           stop_return=None if needs_expert else target)  # no expert wanted: stop at medium
     sac_time = time.perf_counter() - t0
 
     evals = record["evals"]

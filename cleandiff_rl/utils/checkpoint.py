@@ -1,11 +1,15 @@
-"""Atomic file writes: a crash mid-write never leaves a truncated checkpoint, table or result file behind."""
+"""Atomic file writes: a crash mid-write never leaves a truncated checkpoint, table or result file behind;
+and one process at a time per run folder."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import os
+import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,3 +63,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except (RuntimeError, EOFError, OSError, ValueError) as error:  # truncated zip, not a torch file, ...
         raise ValueError(f"{path} is not a readable checkpoint (truncated or not written by torch.save): "
                          f"{error}") from error
+
+
+@contextlib.contextmanager
+def exclusive_run_dir(run_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold `run_dir` (made if missing) for this process while the block runs: a second process that tries
+    to train or build into it gets one clear error instead of overwriting the first one's checkpoints.
+
+    The lock is an advisory `flock` on `run_dir/.lock`, released by the OS if the process dies. A folder
+    this call made is removed again if the block leaves nothing else in it (e.g. refused input).
+    """
+    run_dir = Path(run_dir)
+    new = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(run_dir / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FileExistsError(f"another process is writing to {run_dir}; wait for it to end or choose "
+                                      "another run_dir") from None
+            yield run_dir
+    finally:
+        if new and [p.name for p in run_dir.iterdir()] == [".lock"]:
+            shutil.rmtree(run_dir)

@@ -84,12 +84,6 @@ class TwinQ(nn.Module):
         return torch.minimum(*self(obs, action))
 
 
-@torch.no_grad()
-def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """Polyak averaging, target <- tau * online + (1 - tau) * target (tau = 0.005 in DQL and IDQL)."""
-    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
-
-
 def sample_candidates(actor: DiffusionModel, obs: Tensor, act_dim: int, n: int, *, solver: str, steps: int,
                       temperature: float = 1.0, use_ema: bool = True,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, dict]:

@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 
 from cleandiff_rl.agents.base import Agent
-from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_model, select, soft_update
+from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_model, select
 from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.nn import FlowMlp
 from cleandiff_rl.nn.layers import mlp
-from cleandiff_rl.utils import optimizer_step
+from cleandiff_rl.utils import optimizer_step, soft_update
 
 ACTING = ("onestep", "flow")
 

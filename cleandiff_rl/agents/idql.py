@@ -31,11 +31,10 @@ from cleandiff_rl.agents.common import (
     diffusion_actor,
     sample_candidates,
     select,
-    soft_update,
 )
 from cleandiff_rl.nn import IDQLMlp
 from cleandiff_rl.nn.layers import mlp
-from cleandiff_rl.utils import optimizer_step
+from cleandiff_rl.utils import optimizer_step, soft_update
 
 
 @dataclass

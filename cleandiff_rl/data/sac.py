@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from cleandiff_rl.nn.layers import mlp
-from cleandiff_rl.utils import atomic_save, load_checkpoint, seed_everything
+from cleandiff_rl.utils import atomic_save, load_checkpoint, optimizer_step, seed_everything, soft_update
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -194,11 +194,17 @@ def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, devic
     actor = Actor(obs_dim, act_dim, cfg.hidden, env.action_space.low, env.action_space.high).to(device)
     qf1, qf2 = QNetwork(obs_dim, act_dim, cfg.hidden).to(device), QNetwork(obs_dim, act_dim, cfg.hidden).to(device)
     qf1_t, qf2_t = QNetwork(obs_dim, act_dim, cfg.hidden).to(device), QNetwork(obs_dim, act_dim, cfg.hidden).to(device)
-    q_opt = torch.optim.Adam([*qf1.parameters(), *qf2.parameters()], lr=cfg.q_lr)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=cfg.policy_lr)
     target_entropy = -float(act_dim)
     log_alpha = torch.full((1,), float(np.log(cfg.alpha)), device=device, requires_grad=True)
     alpha_opt = torch.optim.Adam([log_alpha], lr=cfg.q_lr)
+    q_params = [*qf1.parameters(), *qf2.parameters()]
+    q_opt = torch.optim.Adam(q_params, lr=cfg.q_lr)
+
+    def q_params_grad(enabled: bool) -> None:
+        for p in q_params:
+            p.requires_grad_(enabled)
+
     rb = ReplayBuffer(cfg.total_steps, obs_dim, act_dim)
     record: dict = {"evals": [], "snapshots": {}}
     step = 0
@@ -308,30 +314,25 @@ def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, devic
                 target = b_rew + (1.0 - b_term) * cfg.gamma * q_next  # a time-limit cut still bootstraps
             q1, q2 = qf1(b_obs, b_act), qf2(b_obs, b_act)
             q_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-            q_opt.zero_grad()
-            q_loss.backward()
-            q_opt.step()
+            optimizer_step(q_opt, q_loss, q_params)
 
             if step % cfg.policy_frequency == 0:
+                q_params_grad(False)  # the actor loss needs no Q-weight gradients (the next Q step zeroes them)
                 for _ in range(cfg.policy_frequency):
                     a, logp, _ = actor.sample(b_obs)
                     actor_loss = (alpha * logp - torch.min(qf1(b_obs, a), qf2(b_obs, a))).mean()
-                    actor_opt.zero_grad()
-                    actor_loss.backward()
-                    actor_opt.step()
+                    optimizer_step(actor_opt, actor_loss, actor.parameters())
                     if cfg.autotune:
                         with torch.no_grad():
                             _, logp, _ = actor.sample(b_obs)
                         alpha_loss = (-log_alpha.exp() * (logp + target_entropy)).mean()
-                        alpha_opt.zero_grad()
-                        alpha_loss.backward()
-                        alpha_opt.step()
+                        optimizer_step(alpha_opt, alpha_loss, [log_alpha])
                         alpha = log_alpha.exp().item()
+                q_params_grad(True)
 
             with torch.no_grad():
-                for net, tgt in ((qf1, qf1_t), (qf2, qf2_t)):
-                    for p, tp in zip(net.parameters(), tgt.parameters()):
-                        tp.lerp_(p, cfg.tau)
+                soft_update(qf1_t, qf1, cfg.tau)
+                soft_update(qf2_t, qf2, cfg.tau)
             if step % 1000 == 0:
                 writer.add_scalar("losses/q", q_loss.item(), step)
                 writer.add_scalar("losses/actor", actor_loss.item(), step)

@@ -1,4 +1,5 @@
-"""Optimizer steps that never wait for the GPU, and the one place where metrics become floats."""
+"""Optimizer steps that never wait for the GPU, target-network averaging, and the one place where metrics
+become floats."""
 
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, parameters: I
             group["fused"] = fused or None
     optimizer.step()
     return grad_norm
+
+
+@torch.no_grad()
+def soft_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
+    """Polyak averaging, target <- tau * online + (1 - tau) * target (tau = 0.005 in SAC, DQL and IDQL)."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
 
 def finite_floats(metrics: Mapping[str, Tensor | float], where: str) -> dict[str, float]:

@@ -42,8 +42,8 @@ if TYPE_CHECKING:  # matplotlib loads with rliable, only when the pipeline runs
 # must match across the seeds of one dataset x algorithm. `task` reaches a run only through algo.params
 # (compared), and train.py reads the top-level steps and batch_size, not algo.steps / algo.batch_size.
 # eval_episodes is compared as evaluation.episodes when the score comes from training's own evaluation.
-IGNORED = ("seed", "run_dir", "device", "threads", "cuda_graph", "resume", "log_every", "checkpoint_every",
-           "eval_every", "eval_episodes", "task", "algo.steps", "algo.batch_size")
+IGNORED = ("seed", "run_dir", "device", "threads", "cuda_graph", "compile", "resume", "log_every",
+           "checkpoint_every", "eval_every", "eval_episodes", "task", "algo.steps", "algo.batch_size")
 CONFIDENCE = 0.95
 
 

@@ -1,15 +1,20 @@
-"""Time per training update of each algorithm on real batches, with the CPU fast paths on and off.
+"""Time per training update of each algorithm on real batches, with the CPU fast paths on and off,
+or (`compile=true`) with the networks torch.compile'd and eager.
 
 The fast paths (`cleandiff_rl.utils.fast`: Mish from one sigmoid, fused Adam) change no numbers
-(tests compare them); this prints what they save. Blocks of updates alternate between the two
-settings on the same agent, and the table reports the fastest block of each, so a change in machine
-load between measurements does not bias the ratio.
+(tests compare them); this prints what they save. With `compile=true` the agent's networks are
+compiled (`Agent.compile_networks`, what `train.py compile=true` does) and the two settings are the
+compiled networks and the same networks run eagerly (`torch.compiler.set_stance("force_eager")`),
+fast paths on in both. Blocks of updates alternate between the two settings on the same agent, and
+the table reports the fastest block of each, so a change in machine load between measurements does
+not bias the ratio.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import hydra
@@ -25,7 +30,8 @@ from cleandiff_rl.utils.cli import user_errors
 
 
 def time_updates(algo: str, cfg: DictConfig, device: torch.device) -> dict:
-    """ms per update (train_step + after_step) of `algo` at its configured batch size, fast paths on and off."""
+    """ms per update (train_step + after_step) of `algo` at its configured batch size, fast paths on and off
+    (`cfg.compile`: compiled networks and eager ones; the first update's seconds, compiling, too)."""
     train_cfg = compose_config([f"algo={algo}", f"dataset={cfg.dataset}"])
     algo_cls = get_algorithm(algo)
     params = OmegaConf.to_container(train_cfg.algo.params, resolve=True)
@@ -36,10 +42,24 @@ def time_updates(algo: str, cfg: DictConfig, device: torch.device) -> dict:
     batch_size = int(cfg.batch_size or train_cfg.batch_size)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     batches = [data.sample(batch_size * agent.batches_per_step, generator) for _ in range(cfg.block_updates)]
+    compile_seconds = None
+    if cfg.compile:
+        torch._dynamo.reset()  # the previous algorithm's graphs share code (TwinQ) and its recompile limit
+        agent.compile_networks()
+        start = time.perf_counter()
+        agent.train_step(batches[0])  # compiles
+        agent.after_step()
+        compile_seconds = time.perf_counter() - start
+
+    def setting(enabled: bool) -> AbstractContextManager:
+        if cfg.compile:
+            return torch.compiler.set_stance("default" if enabled else "force_eager")
+        return fast_paths(enabled)
+
     best = {True: float("inf"), False: float("inf")}
     for block in range(-2, 2 * cfg.blocks):  # the first two blocks warm up (allocator, lazy optimizer state)
         enabled = block % 2 == 0
-        with fast_paths(enabled):
+        with setting(enabled):
             start = time.perf_counter()
             for batch in batches:
                 agent.train_step(batch)
@@ -48,8 +68,12 @@ def time_updates(algo: str, cfg: DictConfig, device: torch.device) -> dict:
                 torch.cuda.synchronize()
             if block >= 0:
                 best[enabled] = min(best[enabled], (time.perf_counter() - start) / len(batches))
-    return {"algo": algo, "batch_size": batch_size, "ms_fast": 1e3 * best[True], "ms_default": 1e3 * best[False],
-            "speedup": best[False] / best[True]}
+    row = {"algo": algo, "batch_size": batch_size, "ms_fast": 1e3 * best[True], "ms_default": 1e3 * best[False],
+           "speedup": best[False] / best[True]}
+    if cfg.compile:
+        row = {"algo": algo, "batch_size": batch_size, "ms_compiled": row["ms_fast"], "ms_eager": row["ms_default"],
+               "speedup": row["speedup"], "compile_seconds": compile_seconds}
+    return row
 
 
 @hydra.main(config_path="../configs", config_name="benchmark_updates", version_base="1.3")
@@ -59,16 +83,19 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
     seed_everything(cfg.seed)
     rows = []
-    print(f"{'algo':<20}{'batch':>7}{'ms/update fast':>16}{'default':>10}{'speedup':>9}{'updates/s':>11}")
+    fast, slow = ("ms_compiled", "ms_eager") if cfg.compile else ("ms_fast", "ms_default")
+    print(f"{'algo':<20}{'batch':>7}{'ms/update ' + fast[3:]:>20}{slow[3:]:>10}{'speedup':>9}{'updates/s':>11}"
+          + (f"{'compile s':>11}" if cfg.compile else ""))
     for algo in cfg.algos:
         row = time_updates(str(algo), cfg, device)
         rows.append(row)
-        print(f"{row['algo']:<20}{row['batch_size']:>7}{row['ms_fast']:>16.1f}{row['ms_default']:>10.1f}"
-              f"{row['speedup']:>8.2f}x{1e3 / row['ms_fast']:>11.1f}")
+        print(f"{row['algo']:<20}{row['batch_size']:>7}{row[fast]:>20.1f}{row[slow]:>10.1f}"
+              f"{row['speedup']:>8.2f}x{1e3 / row[fast]:>11.1f}"
+              + (f"{row['compile_seconds']:>11.1f}" if cfg.compile else ""))
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"dataset": cfg.dataset, "device": str(device), "rows": rows},
-                                                 indent=2))
+    (out / "results.json").write_text(json.dumps({"dataset": cfg.dataset, "device": str(device),
+                                                  "compile": bool(cfg.compile), "rows": rows}, indent=2))
     print(f"\nresults: {out / 'results.json'}")
 
 

@@ -15,6 +15,7 @@ process's), TensorBoard and evaluations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -37,8 +38,9 @@ from cleandiff_rl.agents.base import make_config
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data import load_dataset
 from cleandiff_rl.evaluation import evaluate, plan_figure
-from cleandiff_rl.utils import (CudaGraphStep, Preemption, barrier, finite_floats, load_checkpoint, mean_over_ranks,
-                                process_group, rank, rank_share, resolve_device, seed_everything, world_size)
+from cleandiff_rl.utils import (CudaGraphStep, Preemption, barrier, exclusive_run_dir, finite_floats, load_checkpoint,
+                                mean_over_ranks, process_group, rank, rank_share, resolve_device, seed_everything,
+                                world_size)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the repository's configs/ links here
 
@@ -141,7 +143,8 @@ def train(cfg: DictConfig) -> Path:
     its share of each global batch; every rank returns once rank 0 has written the final checkpoint.
     """
     with process_group(resolve_device(cfg.device)) as device:
-        return _train(cfg, device)
+        with exclusive_run_dir(cfg.run_dir) if rank() == 0 else contextlib.nullcontext():  # one run per folder
+            return _train(cfg, device)
 
 
 def _train(cfg: DictConfig, device: torch.device) -> Path:

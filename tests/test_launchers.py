@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from cleandiff_rl.agents import BC
 from cleandiff_rl.launching import launch
 from cleandiff_rl.training import CONFIG_DIR, compose_config, register_configs, train
-from cleandiff_rl.utils import load_checkpoint
+from cleandiff_rl.utils import exclusive_run_dir, load_checkpoint
 
 TRAIN = Path(__file__).resolve().parents[1] / "pipelines" / "train.py"
 TINY = ["steps=20", "eval_every=0", "log_every=10", "device=cpu", "algo.params.hidden_dim=32"]
@@ -161,7 +161,8 @@ def test_a_preempted_training_saves_at_once_hands_the_signal_on_and_resumes_exac
 
 def test_a_run_folder_holding_other_settings_is_not_resumed(hopper_random, tmp_path):
     """Pointing a training at a folder whose checkpoint was trained with another seed, batch or parameter
-    is one clear error (it used to continue that run, or report it finished); run-only settings resume."""
+    is one clear error (it used to continue that run, or report it finished); run-only settings resume; a
+    folder another process is training in is refused."""
     base = [f"dataset={hopper_random}", "algo=bc", "steps=10", "eval_every=0", "device=cpu", "batch_size=32",
             "algo.params.hidden_dim=32", f"run_dir={tmp_path / 'run'}"]
     train(compose_config(base))
@@ -171,6 +172,12 @@ def test_a_run_folder_holding_other_settings_is_not_resumed(hopper_random, tmp_p
         train(compose_config([*base, "batch_size=64", "seed=1"]))
     train(compose_config([*base, "steps=20", "log_every=5", "threads=1"]))
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 20
+    with exclusive_run_dir(tmp_path / "run"):  # as a second suite process training the same cell would hold it
+        with pytest.raises(FileExistsError, match="another process is writing to"):
+            train(compose_config([*base, "steps=30"]))
+    with pytest.raises(ValueError, match="unknown"):  # refused input in a new folder leaves no folder
+        train(compose_config([*base, f"run_dir={tmp_path / 'new'}", "+algo.params.nope=1"]))
+    assert not (tmp_path / "new").exists()
 
 
 def _fails_on_input(cfg: DictConfig) -> None:

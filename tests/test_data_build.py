@@ -158,6 +158,19 @@ def test_sac_resumes_after_interruption(tmp_path, monkeypatch):
         sac_module.train_sac("Hopper-v5", cfg, tmp_path, seed=4, device="cpu")
 
 
+def test_sac_evaluates_on_its_own_grid_and_stops_at_the_first_evaluation_reaching_the_target(tmp_path):
+    """`eval_every` (the grid `medium` is chosen on) is finer than the resume checkpoints; a stop at the
+    target saves the resume state there, and the run continues from it."""
+    cfg = sac_module.SACConfig(total_steps=200, learning_starts=40, batch_size=32, checkpoint_every=100,
+                               eval_every=50, eval_episodes=1)
+    record = sac_module.train_sac("Hopper-v5", cfg, tmp_path, seed=3, device="cpu", stop_return=-1e9)
+    assert [s for s, _ in record["evals"]] == [50]
+    assert load_checkpoint(tmp_path / "checkpoints" / "sac_last.pt")["step"] == 50
+    record = sac_module.train_sac("Hopper-v5", cfg, tmp_path, seed=3, device="cpu")
+    assert [s for s, _ in record["evals"]] == [50, 100, 150, 200]
+    assert sorted(record["snapshots"]) == [0, 50, 100, 150, 200] and record["replay"]["size"] == 200
+
+
 def test_sac_is_reproducible(tmp_path):
     cfg = sac_module.SACConfig(
         total_steps=120, learning_starts=50, batch_size=32, checkpoint_every=120, eval_episodes=1

@@ -174,6 +174,8 @@ def build_datasets(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
         raise ValueError(f"namespace must be one non-empty name without '/', got {cfg.namespace!r}")
     if int(cfg.steps_per_dataset) < 1 or int(cfg.sac.total_steps) < int(cfg.sac.checkpoint_every):
         raise ValueError("need steps_per_dataset >= 1 and sac.total_steps >= sac.checkpoint_every")
+    if cfg.sac.get("eval_every") is not None and int(cfg.sac.eval_every) < 1:
+        raise ValueError(f"sac.eval_every must be a positive number of steps (or null), got {cfg.sac.eval_every}")
     task = TASKS[cfg.env]
     ids = {level: dataset_id(cfg.env, level, cfg.namespace, int(cfg.version)) for level in cfg.levels}
     root = datasets_root()

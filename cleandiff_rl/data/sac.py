@@ -43,7 +43,8 @@ class SACConfig:
     hidden: int = 256
     alpha: float = 0.2
     autotune: bool = True
-    checkpoint_every: int = 10_000
+    checkpoint_every: int = 10_000  # the resume state (networks, optimizers, replay buffer)
+    eval_every: int | None = None  # a policy snapshot and its deterministic evaluation; None: checkpoint_every
     eval_episodes: int = 5
 
 
@@ -179,11 +180,14 @@ def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, devic
               stop_return: float | None = None) -> dict:
     """Train (or resume) SAC on `env_id`; return the run record.
 
-    stop_return: end at the first checkpoint whose deterministic return reaches it (a build that
+    stop_return: end at the first evaluation whose deterministic return reaches it (a build that
     needs no expert stops at its medium policy); a later call without it continues the run.
 
-    The record holds `evals` (list of (step, deterministic return)), `snapshots` (step -> actor
-    snapshot path) and `replay` (the replay buffer state). A finished run returns at once.
+    Every `cfg.eval_every` steps the policy is kept and evaluated; every `cfg.checkpoint_every` steps (and
+    at the end or the stop) the resume state is rewritten. An interrupted run resumes from that state and
+    redoes the evaluations after it. The record holds `evals` (list of (step, deterministic return)),
+    `snapshots` (step -> actor snapshot path) and `replay` (the replay buffer state). A finished run
+    returns at once.
     """
     run_dir = Path(run_dir)
     ckpt_path, snap_dir = run_dir / "checkpoints" / "sac_last.pt", run_dir / "policies"
@@ -207,6 +211,7 @@ def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, devic
 
     rb = ReplayBuffer(cfg.total_steps, obs_dim, act_dim)
     record: dict = {"evals": [], "snapshots": {}}
+    eval_every = cfg.eval_every or cfg.checkpoint_every
     step = 0
 
     def save(step: int) -> None:
@@ -236,14 +241,14 @@ def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, devic
             ckpt_path,
         )
 
-    def checkpoint(step: int) -> None:
+    def snapshot(step: int) -> None:
+        """Keep the policy (a dataset level may be collected with it) and, past step 0, its evaluation."""
         snap = atomic_save(actor.snapshot(), snap_dir / f"actor_{step:09d}.pt")
         record["snapshots"][step] = snap.name  # relative, so a run folder can be moved
         if step > 0:
             ret = evaluate(actor, env_id, cfg.eval_episodes, seed=10_000 + step)
             record["evals"].append((step, ret))
             writer.add_scalar("eval/return_deterministic", ret, step)
-        save(step)
 
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, map_location=device)
@@ -278,7 +283,8 @@ def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, devic
 
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=step)
     if step == 0:
-        checkpoint(0)  # the randomly initialized policy: D4RL's `random` level
+        snapshot(0)  # the randomly initialized policy: D4RL's `random` level
+        save(0)
     if step >= cfg.total_steps or reached():
         writer.close()
         return _result(record, snap_dir, rb)
@@ -339,11 +345,13 @@ def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, devic
                 writer.add_scalar("losses/alpha", alpha, step)
 
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-            checkpoint(step)
+        if step % eval_every == 0 or step == cfg.total_steps:
+            snapshot(step)
             bar.set_postfix(eval=f"{record['evals'][-1][1]:.0f}")
-            if reached():
-                break
+        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or reached():
+            save(step)
+        if reached():
+            break
     bar.close()
     writer.close()
     env.close()

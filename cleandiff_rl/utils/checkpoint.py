@@ -7,7 +7,6 @@ import contextlib
 import csv
 import fcntl
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -70,20 +69,27 @@ def exclusive_run_dir(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold `run_dir` (made if missing) for this process while the block runs: a second process that tries
     to train or build into it gets one clear error instead of overwriting the first one's checkpoints.
 
-    The lock is an advisory `flock` on `run_dir/.lock`, released by the OS if the process dies. A folder
-    this call made is removed again if the block leaves nothing else in it (e.g. refused input).
+    The lock is an advisory `flock` on `run_dir/.lock`, released by the OS if the process dies, and the
+    file is removed when the block ends. Folders this call made are removed again if the block left them
+    empty (e.g. refused input).
     """
     run_dir = Path(run_dir)
-    new = not run_dir.exists()
+    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / ".lock"
     try:
-        with open(run_dir / ".lock", "w") as lock:
+        with open(lock_path, "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise FileExistsError(f"another process is writing to {run_dir}; wait for it to end or choose "
                                       "another run_dir") from None
-            yield run_dir
+            try:
+                yield run_dir
+            finally:
+                lock_path.unlink(missing_ok=True)  # ours: the lock goes with the file's closing
     finally:
-        if new and [p.name for p in run_dir.iterdir()] == [".lock"]:
-            shutil.rmtree(run_dir)
+        for folder in made:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()

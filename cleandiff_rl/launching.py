@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cleandiff_rl.training import CONFIG_DIR, register_configs
+from cleandiff_rl.utils import made_dirs
 
 
 class Logged:
@@ -39,16 +39,15 @@ class Logged:
         self.task = task
 
     def __call__(self, cfg: DictConfig) -> Any:
-        run_dir = Path(cfg.run_dir)
-        new = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(run_dir / "log.txt", "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                return self.task(cfg)
-        except BaseException:
-            if new and [p.name for p in run_dir.iterdir()] == ["log.txt"]:
-                shutil.rmtree(run_dir)
-            raise
+        log = Path(cfg.run_dir) / "log.txt"
+        with made_dirs(log.parent) as new:
+            try:
+                with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                    return self.task(cfg)
+            except BaseException:
+                if new and [p.name for p in log.parent.iterdir()] == ["log.txt"]:
+                    log.unlink()  # and `made_dirs` removes the folders
+                raise
 
 
 def current_launcher(cfg: DictConfig) -> DictConfig:

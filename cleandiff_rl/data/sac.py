@@ -336,21 +336,22 @@ def train_sac(env_id: str, cfg: SACConfig, run_dir: str | Path, seed: int, devic
                         alpha = log_alpha.exp().item()
                 q_params_grad(True)
 
-            with torch.no_grad():
-                soft_update(qf1_t, qf1, cfg.tau)
-                soft_update(qf2_t, qf2, cfg.tau)
+            soft_update(qf1_t, qf1, cfg.tau)
+            soft_update(qf2_t, qf2, cfg.tau)
             if step % 1000 == 0:
                 writer.add_scalar("losses/q", q_loss.item(), step)
                 writer.add_scalar("losses/actor", actor_loss.item(), step)
                 writer.add_scalar("losses/alpha", alpha, step)
 
         bar.update(1)
-        if step % eval_every == 0 or step == cfg.total_steps:
+        evaluated = step % eval_every == 0 or step == cfg.total_steps
+        if evaluated:
             snapshot(step)
             bar.set_postfix(eval=f"{record['evals'][-1][1]:.0f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or reached():
+        stop = evaluated and reached()  # only a new evaluation can reach the target
+        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop:
             save(step)
-        if reached():
+        if stop:
             break
     bar.close()
     writer.close()

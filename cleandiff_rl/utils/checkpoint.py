@@ -65,31 +65,39 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 @contextlib.contextmanager
+def made_dirs(path: str | os.PathLike) -> Iterator[bool]:
+    """Make `path` (and missing parents) for the block, yielding whether it is new; afterwards remove the
+    folders this made that the block left empty, so refused input leaves no folder behind."""
+    path = Path(path)
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield bool(made)
+    finally:
+        for folder in made:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
+@contextlib.contextmanager
 def exclusive_run_dir(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold `run_dir` (made if missing) for this process while the block runs: a second process that tries
     to train or build into it gets one clear error instead of overwriting the first one's checkpoints.
 
     The lock is an advisory `flock` on `run_dir/.lock`, released by the OS if the process dies, and the
     file is removed when the block ends. Folders this call made are removed again if the block left them
-    empty (e.g. refused input).
+    empty (`made_dirs`: e.g. refused input).
     """
     run_dir = Path(run_dir)
-    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir / ".lock"
-    try:
-        with open(lock_path, "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FileExistsError(f"another process is writing to {run_dir}; wait for it to end or choose "
-                                      "another run_dir") from None
-            try:
-                yield run_dir
-            finally:
-                lock_path.unlink(missing_ok=True)  # ours: the lock goes with the file's closing
-    finally:
-        for folder in made:
-            if any(folder.iterdir()):
-                break
-            folder.rmdir()
+    with made_dirs(run_dir), open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another process is writing to {run_dir}; wait for it to end or choose "
+                                  "another run_dir") from None
+        try:
+            yield run_dir
+        finally:
+            lock_path.unlink(missing_ok=True)  # ours: the lock goes with the file's closing

@@ -8,10 +8,10 @@
 
 For every dataset (a task name from configs/task, or any Minari id):
 1. build it with the project's builder (configs/make_dataset.yaml) when the Minari root lacks it;
-2. train every algorithm at the preset's budget (configs/train.yaml);
-3. evaluate every final checkpoint, and each of its act variants, on the same `episodes` env seeds
-   (configs/evaluate.yaml).
-Each stage's jobs go through the suite's Hydra launcher (`cleandiff_rl.launching`): joblib, `jobs` at a
+2. for every algorithm, one job (a `Cell`): train at the preset's budget (configs/train.yaml), then
+   evaluate the final checkpoint, and each of its act variants, on the same `episodes` env seeds
+   (configs/evaluate.yaml), so a cell's evaluations run while slower trainings go on.
+Builds and cells go through the suite's Hydra launcher (`cleandiff_rl.launching`): joblib, `jobs` at a
 time, by default; `hydra/launcher=slurm` (or any installed launcher) runs the same jobs on a cluster.
 A rerun with the same run_dir resumes unfinished trainings and reuses finished trainings and each
 cell's evaluations (run_dir/<dataset>/<algo>/evaluations/<label>/evaluation.json). Writes results.json,
@@ -95,7 +95,8 @@ def build_missing(datasets: list[Dataset], cfg: DictConfig, out: Path) -> None:
 def run_jobs(task: Callable[[DictConfig], Any], config_name: str, jobs: list[list[str]], cfg: DictConfig,
              out: Path, stage: str) -> list[Any]:
     """Run one stage's jobs (pipeline overrides of `config_name`) through the suite's Hydra launcher:
-    joblib, `jobs` at a time, unless `hydra/launcher=` names another. Each job logs to its run_dir/log.txt."""
+    joblib, `jobs` at a time, unless `hydra/launcher=` names another. Each job logs to its run_dir/log.txt
+    (its Hydra folder goes under out/jobs/<stage>)."""
     if not jobs:
         return []
     launcher = current_launcher(cfg)
@@ -152,6 +153,24 @@ def evaluation_job(checkpoint: Path, folder: Path, settings: dict, cfg: DictConf
     return [override("checkpoint", checkpoint), override("run_dir", folder), f"episodes={cfg.episodes}",
             f"seed={cfg.seed + 1000}", f"device={cfg.device}",
             *(override(f"+settings.{key}", value) for key, value in settings.items())]
+
+
+class Cell:
+    """One dataset x algorithm as one launcher job (a task of train.py's config): train (or resume, or
+    reuse a finished run), then evaluate its final checkpoint with each act setting whose evaluation is
+    not already on disk, each logging to its own folder. Picklable, for joblib and submitit workers."""
+
+    def __init__(self, evaluations: dict[str, list[tuple[Path, dict]]], cfg: DictConfig) -> None:
+        self.evaluations = evaluations  # run_dir -> [(evaluation folder, act settings)]
+        self.cfg = OmegaConf.create({key: cfg[key] for key in ("episodes", "seed", "device")})
+
+    def __call__(self, cfg: DictConfig) -> None:
+        train(cfg)
+        checkpoint = Path(cfg.run_dir) / "checkpoint.pt"
+        for folder, settings in self.evaluations[str(cfg.run_dir)]:
+            job = evaluation_job(checkpoint, folder, settings, self.cfg)
+            if job is not None:
+                Logged(evaluate_checkpoint)(compose_config(job, config_name="evaluate"))
 
 
 def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
@@ -214,20 +233,18 @@ def main(cfg: DictConfig) -> None:
     print(f"{len(datasets)} datasets x {len(algos)} algorithms under {datasets_root()}")
 
     cells = [(d, a) for a in algos for d in datasets]  # the slow algorithms first keeps the pool busy
-    run_jobs(train, "train", [train_job(d, algo_overrides(cfg, a), out / d.name / a) for d, a in cells], cfg, out,
-             "train")
-    timings = {(d, a): timing(out / d.name / a / "checkpoint.pt") for d, a in cells}
-
     evaluations = []  # (dataset, algo, label, act settings): each algorithm's default acting, then its variants
     for d, algo in cells:
         variants = OmegaConf.to_container(cfg.act_variants[algo]) if cfg.act_variants.get(algo) else {}
         evaluations += [(d, algo, algo, {})] + [(d, algo, f"{algo} ({name})", s) for name, s in variants.items()]
     folders = [out / d.name / algo / "evaluations" / re.sub(r"[^A-Za-z0-9.=_-]+", "_", label)
                for d, algo, label, _ in evaluations]
-    jobs = [evaluation_job(out / d.name / algo / "checkpoint.pt", folder, settings, cfg)
-            for (d, algo, _, settings), folder in zip(evaluations, folders)]
-    run_jobs(evaluate_checkpoint, "evaluate", [job for job in jobs if job is not None], cfg, out,
-             f"evaluate x{cfg.episodes}")
+    per_run: dict[str, list[tuple[Path, dict]]] = {}
+    for (d, algo, _, settings), folder in zip(evaluations, folders):
+        per_run.setdefault(str(out / d.name / algo), []).append((folder, settings))
+    run_jobs(Cell(per_run, cfg), "train", [train_job(d, algo_overrides(cfg, a), out / d.name / a) for d, a in cells],
+             cfg, out, "train-evaluate")
+    timings = {(d, a): timing(out / d.name / a / "checkpoint.pt") for d, a in cells}
     evaluated = []
     for (d, algo, label, _), folder in zip(evaluations, folders):
         run, result = timings[(d, algo)], json.loads((folder / "evaluation.json").read_text())

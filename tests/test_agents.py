@@ -505,6 +505,7 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
     assert (out / "scores.png").stat().st_size > 10_000 and any((out / "tb").iterdir())
     done = sorted([*out.glob("*/*/checkpoint.pt"), *out.glob("*/*/evaluations/*/evaluation.json")])
     assert len(done) == 4 + 6
+    assert all((path.parent / "log.txt").is_file() for path in done)  # each training and evaluation logs beside it
     written = [path.stat().st_mtime_ns for path in done]
     subprocess.run(command, check=True, env=env, capture_output=True)
     assert [path.stat().st_mtime_ns for path in done] == written

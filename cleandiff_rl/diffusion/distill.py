@@ -39,7 +39,7 @@ def distill(teacher: DiffusionModel, conditions: Callable[[int], Tensor], x_shap
     """
     if get_solver(teacher_solver).stochastic:
         raise ValueError(f"the teacher's map must be deterministic; {teacher_solver!r} is a stochastic solver")
-    student = copy.deepcopy(teacher)
+    student = copy.deepcopy(teacher, memo={id(teacher.optimizer): None})  # not the teacher's Adam state
     student.model.load_state_dict(teacher.model_ema.state_dict())  # start from the weights the teacher acts with
     student.optimizer = torch.optim.AdamW(student.model.parameters(), lr=lr)
     levels, _ = student.plan(get_solver("ddim"), steps, "uniform")  # also rejects a bad `steps`

@@ -45,7 +45,7 @@ def first_job(overrides: list[str]) -> list[str]:
 
 def config_name(script: str) -> str:
     source = (REPO / "pipelines" / f"{script}.py").read_text()
-    return re.search(r'config_name="(\w+)"', source).group(1)
+    return re.search(r'@hydra\.main\([^)]*config_name="(\w+)"', source).group(1)  # not another compose's
 
 
 @pytest.mark.parametrize("where,script,overrides", documented_commands(), ids=lambda v: v if isinstance(v, str) else "")

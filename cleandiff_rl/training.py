@@ -34,7 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cleandiff_rl.agents import ALGORITHMS, Agent, get_algorithm
-from cleandiff_rl.agents.base import make_config
+from cleandiff_rl.agents.base import ACT_SETTINGS, make_config
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data import load_dataset
 from cleandiff_rl.evaluation import evaluate, plan_figure
@@ -100,13 +100,15 @@ def dataset_env_id(dataset: Any) -> str:
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
-    """The settings that shape a training (seed, batch size, every algorithm parameter) in which a run's
-    saved config and the current one differ, as 'key: saved -> current'; keys only one of them has are
-    skipped (a parameter added since the checkpoint was written). Run-only settings (device, threads,
-    cuda_graph, compile, logging, evaluation) are not compared: a run may resume with others."""
+    """The settings that shape a training (seed, batch size, every algorithm parameter but the act-only ones)
+    in which a run's saved config and the current one differ, as 'key: saved -> current'; keys only one of
+    them has are skipped (a parameter added since the checkpoint was written). Run-only settings (device,
+    threads, cuda_graph, compile, logging, evaluation) and `ACT_SETTINGS` are not compared: a run may resume
+    with others."""
     def flat(config: dict) -> dict:
+        params = config.get("algo", {}).get("params", {})
         return {"seed": config.get("seed"), "batch_size": config.get("batch_size"),
-                **{f"algo.params.{k}": v for k, v in config.get("algo", {}).get("params", {}).items()}}
+                **{f"algo.params.{k}": v for k, v in params.items() if k not in ACT_SETTINGS}}
     old, new = flat(saved), flat(current)
     return [f"{key}: {old[key]} -> {new[key]}" for key in sorted(old.keys() & new.keys()) if old[key] != new[key]]
 
@@ -186,7 +188,8 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
             if lead:
                 print(f"{ckpt_path} already holds {resumed['step']} updates (steps={cfg.steps}): nothing to train")
             return ckpt_path
-        agent = algo_cls.from_checkpoint(resumed, device)
+        acting = {key: params[key] for key in ACT_SETTINGS if key in params and key in resumed["config"]}
+        agent = algo_cls.from_checkpoint({**resumed, "config": {**resumed["config"], **acting}}, device)
         start = resumed["step"]
         _set_rng_state(resumed["rng"], generator)
     if not lead:  # its own diffusion noise; rank 0 keeps the stream its checkpoints record

@@ -180,6 +180,24 @@ def test_a_run_folder_holding_other_settings_is_not_resumed(hopper_random, tmp_p
     assert not (tmp_path / "new").exists()
 
 
+def test_a_run_resumes_with_other_act_settings_and_acts_with_them(hopper_random, tmp_path):
+    """Settings only acting reads (IDQL's selection, its number of candidates) may change on resume: the
+    updates are those of one straight run, and the final checkpoint acts as configured now. A bad new
+    value is refused as in a new run, leaving the checkpoint as it was."""
+    base = [f"dataset={hopper_random}", "algo=idql", "eval_every=0", "device=cpu", "batch_size=32",
+            "algo.params.hidden_dim=32", "algo.params.critic_hidden=32", "algo.params.num_candidates=4"]
+    train(compose_config([*base, "steps=10", "algo.params.selection=expectile", f"run_dir={tmp_path / 'run'}"]))
+    with pytest.raises(ValueError, match="unknown selection 'nope'"):
+        train(compose_config([*base, "steps=20", "algo.params.selection=nope", f"run_dir={tmp_path / 'run'}"]))
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 10
+    acting = ["algo.params.selection=argmax", "algo.params.num_candidates=8"]
+    train(compose_config([*base, "steps=20", *acting, f"run_dir={tmp_path / 'run'}"]))
+    train(compose_config([*base, "steps=20", *acting, f"run_dir={tmp_path / 'straight'}"]))
+    resumed = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (resumed["step"], resumed["config"]["selection"], resumed["config"]["num_candidates"]) == (20, "argmax", 8)
+    assert same_weights(tmp_path / "run", tmp_path / "straight")
+
+
 def _fails_on_input(cfg: DictConfig) -> None:
     print("checking input")
     raise ValueError("bad input")

@@ -26,6 +26,9 @@ from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.utils import atomic_save, finite_floats, load_checkpoint, resolve_device
 
 CHECKPOINT_FORMAT = 1
+# Config fields only acting reads (no update does): a training may resume with other values and takes them.
+ACT_SETTINGS = ("temperature", "num_candidates", "selection", "selection_temperature", "act_with_ema", "acting",
+                "w_cg", "w_cfg", "target_return")
 
 
 def make_config(cls: type, values: dict[str, Any] | None) -> Any:

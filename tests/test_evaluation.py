@@ -161,6 +161,31 @@ def test_one_process_at_a_time_writes_a_run_dir(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_a_lock_taken_as_its_holder_ends_is_on_the_file_that_stays(tmp_path: Path, monkeypatch):
+    """A process that opens `.lock` just before its holder ends (and removes it) locks a file no one else
+    sees; it must lock the new one, so that a third process is still refused."""
+    import builtins
+
+    from cleandiff_rl.utils import checkpoint, exclusive_run_dir
+
+    calls = []
+
+    def open_then_holder_ends(path, *args, **kwargs):
+        handle = builtins.open(path, *args, **kwargs)
+        if not calls:
+            Path(path).unlink()  # the holder's block ends between our open and our flock
+        calls.append(path)
+        return handle
+
+    monkeypatch.setattr(checkpoint, "open", open_then_holder_ends, raising=False)
+    with exclusive_run_dir(tmp_path / "run"):
+        monkeypatch.undo()
+        assert len(calls) == 2
+        with pytest.raises(FileExistsError, match="another process is writing to"):
+            with exclusive_run_dir(tmp_path / "run"):
+                pass
+
+
 def test_atomic_write_replaces_whole_files_or_nothing(tmp_path: Path):
     """Results and checkpoints go through one `atomic_write`: a write that fails half way leaves the previous
     file as it was and no temporary file behind."""

@@ -91,13 +91,28 @@ def exclusive_run_dir(run_dir: str | os.PathLike) -> Iterator[Path]:
     """
     run_dir = Path(run_dir)
     lock_path = run_dir / ".lock"
-    with made_dirs(run_dir), open(lock_path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(f"another process is writing to {run_dir}; wait for it to end or choose "
-                                  "another run_dir") from None
+    with made_dirs(run_dir), _locked(lock_path):
         try:
             yield run_dir
         finally:
             lock_path.unlink(missing_ok=True)  # ours: the lock goes with the file's closing
+
+
+def _locked(lock_path: Path) -> IO:
+    """`lock_path` opened and flock'ed by this process, or FileExistsError if another holds it. The lock
+    must be on the file that is at `lock_path` once held: a holder that ends between our open and our
+    flock has removed the file we opened, so lock the new one instead."""
+    while True:
+        lock = open(lock_path, "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise FileExistsError(f"another process is writing to {lock_path.parent}; wait for it to end or "
+                                  "choose another run_dir") from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()

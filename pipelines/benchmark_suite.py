@@ -120,7 +120,7 @@ def lr_overrides(algo: str, batch_size: int | None, scaling: str) -> list[str]:
 def algo_overrides(cfg: DictConfig, algo: str) -> list[str]:
     """The preset's settings for `algo` as train.py overrides."""
     overrides = [f"algo={algo}", f"steps={cfg.steps[algo]}", f"seed={cfg.seed}", f"device={cfg.device}",
-                 f"eval_every={cfg.eval_every}", "eval_episodes=5"]
+                 f"eval_every={cfg.eval_every}", "eval_episodes=5", f"compile={algo in cfg.compile}"]
     batch_size = cfg.batch_size.get(algo)
     if batch_size is not None:
         overrides.append(f"batch_size={batch_size}")

@@ -530,8 +530,10 @@ def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch(
         for algo in ALGORITHMS:  # what the suite passes to train.py composes there, typed by the algo's schema
             train_cfg = compose_config([*algo_overrides(cfg, algo), "task=walker2d-medium-replay"])
             assert train_cfg.steps == cfg.steps[algo] and train_cfg.algo.name == algo
+            assert train_cfg.compile == (algo in cfg.compile)
     gpu = compose_config(["suite=gpu"], config_name="benchmark_suite")
     assert gpu.device == "cuda" and gpu.steps.dql >= 500_000 and gpu.jobs > 2 and gpu.lr_scaling == "sqrt"
+    assert not gpu.compile  # CUDA graphs instead
     assert lr_overrides("dql", 1024, "sqrt") == ["algo.params.lr=0.0006", "algo.params.critic_lr=0.0006"]
     assert lr_overrides("idql", 256, "linear") == ["algo.params.lr=0.00015", "algo.params.critic_lr=0.00015"]
     assert lr_overrides("idql", 512, "sqrt") == lr_overrides("dql", 1024, "none") == []

@@ -491,7 +491,7 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
     names = ["test_hopper_random-v0", "test_hopper_medium-v0"]
     assert [(r["dataset"], r["label"]) for r in rows] == [
         *((name, "dataset average") for name in names),
-        *((name, label) for name in names for label in ("diffusion_bc", "diffusion_bc (ddim T=0)")),
+        *((name, label) for name in names for label in ("diffusion_bc", "diffusion_bc (ddim_T0)")),
         *((name, "bc") for name in names)]
     for name, dataset_id in zip(names, [hopper_random, "test/hopper/medium-v0"]):
         data = read_episodes(dataset_id)

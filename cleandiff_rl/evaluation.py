@@ -79,7 +79,8 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
     Returns env_id, episodes, returns (per episode), return_mean/se, score_mean/se (D4RL x100; None
     without reference scores), length_mean, time_per_action_ms (wall time of one batched
     `policy.act`, i.e. per env step), nfe / guidance_calls / cfg_batched (network calls per action, see
-    `network_calls`; None for non-diffusion policies), solver, steps, temperature (the initial-noise scale; None without one).
+    `network_calls`; None for non-diffusion policies), solver, steps, temperature (the initial-noise scale; None without one),
+    acting (how a policy that decides it per checkpoint acted, e.g. IDQL's `selection: auto`; else None).
     """
     env_id = _env_id(policy, env_id)
     if episodes < 1:
@@ -127,7 +128,7 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
             "return_se": return_se, "score_mean": score_mean, "score_se": score_se,
             "length_mean": float(lengths.mean()), "time_per_action_ms": 1000 * call_seconds / calls,
             "solver": solver, "steps": steps, "temperature": getattr(policy.config, "temperature", None),
-            **network_calls(policy)}
+            "acting": policy.last_sample_log.get("acting"), **network_calls(policy)}
 
 
 def evaluate_checkpoint(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,8 @@ def main(cfg: DictConfig) -> None:
             sampling += f", temperature {result['temperature']:g}"
     print(f"{result['algo']} policy (trained on {result['dataset_id']}, {result['updates']} updates) from {cfg.checkpoint}")
     print(f"{result['env_id']}, {result['episodes']} episodes{sampling}")
+    if result["acting"] is not None:
+        print(f"acting           {result['acting']}")
     print(f"return           {result['return_mean']:.1f} ± {result['return_se']:.1f}")
     if result["score_mean"] is not None:
         print(f"normalized score {result['score_mean']:.1f} ± {result['score_se']:.1f}")

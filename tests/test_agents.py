@@ -108,6 +108,8 @@ def test_temperature_zero_with_an_ode_solver_acts_deterministically(algo, hopper
     path = train(train_config(algo, hopper_random, tmp_path / algo, steps=12))
     obs = np.random.default_rng(0).normal(size=(3, 11))
     policy = load_policy(str(path), solver="ddim", temperature=0)
+    if algo == "idql":  # not `auto`, which may act at the mode whatever the temperature
+        policy.with_settings({"selection": "argmax"})
     first, second = (policy.act(obs, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
     np.testing.assert_array_equal(first, second)
     policy.set_sampling(temperature=1.0)
@@ -295,6 +297,59 @@ def test_idql_critic_updates_give_the_critics_their_own_budget(hopper_random, tm
         get_algorithm("idql")(11, 3, {"critic_updates": 0}, device="cpu")
 
 
+class StubCritic(torch.nn.Module):
+    """Twin Q of a fixed form: q1 = scale * sum(a) and q2 = q1 + gap (their disagreement)."""
+
+    def __init__(self, scale: float, gap: float):
+        super().__init__()
+        self.scale, self.gap = scale, gap
+
+    def forward(self, obs, act):
+        q1 = self.scale * act.sum(-1)
+        return q1, q1 + self.gap
+
+    def q_min(self, obs, act):
+        return torch.minimum(*self(obs, act))
+
+
+def test_idql_auto_selection_takes_argmax_only_where_the_critic_ranks_candidates(hopper_random, tmp_path):
+    """`selection: auto` (the default) measures once per weights how far a state's candidates' Q values
+    spread against the twin critics' disagreement, on dataset states fixed before training: above 1 it
+    acts by argmax Q, else at the behavior model's mode (one DDIM sample at temperature 0). An older
+    checkpoint without those states loads and acts by argmax."""
+    path = train(train_config("idql", hopper_random, tmp_path, steps=4))
+    policy = load_policy(str(path), "cpu")
+    assert policy.config.selection == "auto" and not policy.probe_obs.isnan().any()
+    data = read_episodes(hopper_random)
+    assert any(torch.allclose(policy.probe_obs[0], policy.obs_normalizer.normalize(torch.as_tensor(o)), atol=1e-5)
+               for o in data.obs.astype(np.float32))
+    obs = data.obs[:8]
+
+    def acts(**settings):
+        return policy.with_settings(settings).act(obs, generator=torch.Generator().manual_seed(1))
+
+    mode = acts(selection="argmax", solver="ddim", temperature=0.0, num_candidates=1)
+    policy.critic_target = StubCritic(scale=10.0, gap=0.01)  # Q spread across candidates >> disagreement
+    best = acts(selection="argmax", solver="ddpm", temperature=1.0, num_candidates=4)
+    np.testing.assert_array_equal(acts(selection="auto"), best)
+    assert policy.rank_ratio() > 100 and policy.last_sample_log["acting"].startswith("argmax Q of 4")
+    assert not np.allclose(best, mode)
+    policy.critic_target = StubCritic(scale=0.01, gap=5.0)  # the critics disagree more than candidates differ
+    policy.updates += 1  # new weights: measured again
+    np.testing.assert_array_equal(acts(selection="auto"), mode)
+    assert policy.rank_ratio() < 0.1 and policy.last_sample_log["acting"].startswith("behavior mode")
+    state = load_checkpoint(path)
+    del state["model"]["probe_obs"]
+    old = get_algorithm("idql").from_checkpoint(state, "cpu")
+    old.critic_target = StubCritic(scale=0.01, gap=5.0)
+    best = old.with_settings({"selection": "argmax"}).act(obs, generator=torch.Generator().manual_seed(1))
+    auto = old.with_settings({"selection": "auto"}).act(obs, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(auto, best)
+    assert old.last_sample_log["acting"] == "argmax Q of 4 (rank ratio nan)"
+    with pytest.raises(ValueError, match="num_candidates must be >= 2"):
+        get_algorithm("idql")(11, 3, {"num_candidates": 1}, device="cpu")
+
+
 def test_select_modes():
     actions = torch.arange(6.0).view(6, 1)  # two observations x three candidates
     scores = torch.tensor([0.1, 5.0, 0.2, 3.0, 1.0, 2.0])
@@ -400,7 +455,7 @@ def test_cpu_fast_paths_leave_losses_weights_and_actions_unchanged(algo):
         for key in step_fast:
             assert step_fast[key] == pytest.approx(step_slow[key], rel=1e-4, abs=1e-5), key
     for key, value in slow[1].items():
-        torch.testing.assert_close(fast[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(fast[1][key], value, rtol=1e-4, atol=1e-5, equal_nan=True, msg=key)
     np.testing.assert_allclose(fast[2], slow[2], rtol=1e-4, atol=1e-5)
 
 

@@ -73,6 +73,7 @@ class Agent(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
     is_diffusion: ClassVar[bool] = True
+    added_state: ClassVar[tuple[str, ...]] = ()  # state_dict keys newer than some checkpoints (e.g. IDQL's probe_obs)
     ema_models: ClassVar[tuple[str, ...]] = ()  # attributes holding a DiffusionModel whose EMA `after_step` updates
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | Any = None, *,
@@ -296,7 +297,9 @@ class Agent(nn.Module):
         agent = cls(state["obs_dim"], state["act_dim"], state["config"], obs_normalizer=state["obs_normalizer"],
                     env_id=state["env_id"], dataset_id=state["dataset_id"],
                     action_bounds=state.get("action_bounds"), device=device)
-        agent.load_state_dict(state["model"])
+        added = {key: value for key, value in agent.state_dict().items()
+                 if key in cls.added_state and key not in state["model"]}
+        agent.load_state_dict({**state["model"], **added})  # an older checkpoint keeps their initial values
         for key, opt in agent.optimizers().items():
             opt.load_state_dict(state["optimizers"][key])
         agent.updates = state["updates"]

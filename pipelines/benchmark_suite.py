@@ -174,9 +174,11 @@ class Cell:
 
 
 def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
-    """A markdown table: one row per algorithm (and act variant), one score column per dataset, mean ± s.e."""
+    """A markdown table: one row per algorithm (and act variant), one score column per dataset, mean ± s.e.;
+    below it, how each policy that chooses its acting per checkpoint acted."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     cell = {(r["label"], r["dataset"]): r for r in rows}
+    notes = [f"- {r['label']} on {r['dataset']}: {r['acting']}" for r in rows if r.get("acting")]
     lines = ["| algo | updates/s | " + " | ".join(d.name for d in datasets) + " |",
              "|---|---:|" + "---:|" * len(datasets)]
     for label in labels:
@@ -187,6 +189,8 @@ def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
                 f" ± {r['score_se']:.1f}" if r["score_se"] is not None else ""))
         speeds = [r["updates_per_second"] for r in rows if r["label"] == label and r["updates_per_second"]]
         lines.append(f"| {label} | {np.mean(speeds) if speeds else float('nan'):.1f} | " + " | ".join(scores) + " |")
+    if notes:  # policies that decide their acting per checkpoint (IDQL's selection: auto)
+        lines += ["", "acting chosen per checkpoint:", *notes]
     return "\n".join(lines).replace("| nan |", "|  |")
 
 
@@ -252,11 +256,12 @@ def main(cfg: DictConfig) -> None:
             "dataset": d.name, "dataset_id": d.id, "label": label, "algo": algo, "steps": int(cfg.steps[algo]),
             "batch_size": run["batch_size"], "train_minutes": run["wall_seconds"] / 60,
             "updates_per_second": cfg.steps[algo] / run["update_seconds"], "score_mean": result["score_mean"],
-            "score_se": result["score_se"], "return_mean": result["return_mean"], "episodes": cfg.episodes})
+            "score_se": result["score_se"], "return_mean": result["return_mean"], "episodes": cfg.episodes,
+            "acting": result.get("acting")})
     references = [{"dataset": d.name, "dataset_id": d.id, "label": "dataset average", "algo": None, "steps": 0,
                    "batch_size": 0, "train_minutes": 0.0, "updates_per_second": None,
-                   "score_mean": dataset_average(d.id), "score_se": None, "return_mean": None, "episodes": None}
-                  for d in datasets]
+                   "score_mean": dataset_average(d.id), "score_se": None, "return_mean": None, "episodes": None,
+                   "acting": None} for d in datasets]
     rows = references + evaluated
     table = format_table(rows, datasets)
 

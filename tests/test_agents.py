@@ -575,7 +575,7 @@ def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch(
     a batch size other than an algorithm's default scales each of its learning rates by (B / B0)^p."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
     try:
-        from benchmark_suite import algo_overrides, lr_overrides, resolve_datasets
+        from benchmark_suite import algo_overrides, format_table, lr_overrides, resolve_datasets
     finally:
         sys.path.pop(0)
     for preset in ("cpu", "gpu", "smoke"):
@@ -599,3 +599,9 @@ def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch(
         ("mujoco_ant_expert-v0", "mujoco/ant/expert-v0", None)]
     with pytest.raises(ValueError, match="twice"):
         resolve_datasets(["hopper-medium", "cleandiff/hopper/medium-v0"])
+    rows = [{"label": "idql", "dataset": d.name, "score_mean": score, "score_se": 0.5, "updates_per_second": 10.0,
+             "acting": acting} for d, score, acting in zip(datasets[:2], (43.7, 32.0), ("mode (ratio 0.46)", None))]
+    assert format_table(rows, datasets[:2]).splitlines() == [
+        "| algo | updates/s | hopper-medium-replay | cleandiff_walker2d_medium-v0 |", "|---|---:|---:|---:|",
+        "| idql | 10.0 | 43.7 ± 0.5 | 32.0 ± 0.5 |", "", "acting chosen per checkpoint:",
+        "- idql on hopper-medium-replay: mode (ratio 0.46)"]

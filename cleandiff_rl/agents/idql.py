@@ -14,10 +14,10 @@ candidates, else at the behavior model's mode. Once per set of weights, `rank_ra
 `num_candidates` samples, over the twin critics' mean disagreement |Q1 - Q2| on the same samples.
 - ratio > `rank_threshold` (1): sample `num_candidates` actions from the EMA behavior model and take
   the one with the highest min Q (`selection: argmax`, the released code's evaluation). On
-  medium-replay this scores 5-8x BC.
+  medium-replay this scores 3-8x BC.
 - else: one DDIM sample from zero noise (temperature 0), the behavior model's mode. Where the critic's
-  ranking of a state's actions is noise (hopper medium and medium-expert: ratio 0.46 and 0.60,
-  medium-replay 1.56), argmax lost 6 and 18 points to the mode (README).
+  ranking of a state's actions is noise (hopper medium and medium-expert: ratio 0.46 and 0.45,
+  medium-replay 1.47), argmax lost 6 and 32 points to the mode (README).
 An agent without probe states (`prepare` never ran) acts by argmax.
 `selection: expectile` resamples with the expectile weights (the paper's; see `expectile_weights`);
 `argmax` and `softmax` always select among the candidates.

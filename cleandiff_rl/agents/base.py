@@ -27,8 +27,8 @@ from cleandiff_rl.utils import atomic_save, finite_floats, load_checkpoint, reso
 
 CHECKPOINT_FORMAT = 1
 # Config fields only acting reads (no update does): a training may resume with other values and takes them.
-ACT_SETTINGS = ("temperature", "num_candidates", "selection", "selection_temperature", "act_with_ema", "acting",
-                "w_cg", "w_cfg", "target_return")
+ACT_SETTINGS = ("temperature", "num_candidates", "selection", "selection_temperature", "rank_threshold",
+                "act_with_ema", "acting", "w_cg", "w_cfg", "target_return")
 
 
 def make_config(cls: type, values: dict[str, Any] | None) -> Any:

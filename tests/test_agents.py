@@ -337,7 +337,11 @@ def test_idql_auto_selection_takes_argmax_only_where_the_critic_ranks_candidates
     policy.critic_target = StubCritic(scale=0.01, gap=5.0)  # the critics disagree more than candidates differ
     policy.updates += 1  # new weights: measured again
     np.testing.assert_array_equal(acts(selection="auto"), mode)
-    assert policy.rank_ratio() < 0.1 and policy.last_sample_log["acting"].startswith("behavior mode")
+    assert policy.rank_ratio() < 0.1 and policy.last_sample_log["acting"].startswith("behavior mode (ddim")
+    ode_mode = acts(selection="argmax", solver="ode_dpmsolver++_2M", temperature=0.0, num_candidates=1)
+    policy.with_settings({"selection": "auto", "num_candidates": 4, "temperature": 1.0})
+    np.testing.assert_array_equal(policy.act(obs, solver="ode_dpmsolver++_2M"), ode_mode)  # a sweep's ODE solver
+    policy.set_sampling(solver="ddpm")
     state = load_checkpoint(path)
     del state["model"]["probe_obs"]
     old = get_algorithm("idql").from_checkpoint(state, "cpu")

@@ -15,7 +15,8 @@ candidates, else at the behavior model's mode. Once per set of weights, `rank_ra
 - ratio > `rank_threshold` (1): sample `num_candidates` actions from the EMA behavior model and take
   the one with the highest min Q (`selection: argmax`, the released code's evaluation). On
   medium-replay this scores 3-8x BC.
-- else: one DDIM sample from zero noise (temperature 0), the behavior model's mode. Where the critic's
+- else: one sample from zero noise (temperature 0) with an ODE solver (the one asked for; DDIM in place of
+  a stochastic one), the behavior model's mode. Where the critic's
   ranking of a state's actions is noise (hopper medium and medium-expert: ratio 0.46 and 0.45,
   medium-replay 1.47), argmax lost 6 and 32 points to the mode (README).
 An agent without probe states (`prepare` never ran) acts by argmax.
@@ -42,6 +43,7 @@ from cleandiff_rl.agents.common import (
     sample_candidates,
     select,
 )
+from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.nn import IDQLMlp
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
@@ -194,10 +196,11 @@ class IDQL(Agent):
         cfg = self.config
         if cfg.selection == "auto":
             ratio = self.rank_ratio(solver, steps)  # NaN (not measured): argmax, as before `auto`
-            if ratio <= cfg.rank_threshold:
-                _, mode, log = sample_candidates(self.actor, obs, self.act_dim, 1, solver="ddim", steps=steps,
+            if ratio <= cfg.rank_threshold:  # the mode: an ODE solver (the one asked for, e.g. in a sweep) at T=0
+                ode = "ddim" if get_solver(solver).stochastic else solver
+                _, mode, log = sample_candidates(self.actor, obs, self.act_dim, 1, solver=ode, steps=steps,
                                                  temperature=0.0, generator=generator)
-                self.last_sample_log = {**log, "acting": f"behavior mode (ddim, T=0; rank ratio {ratio:.2f})"}
+                self.last_sample_log = {**log, "acting": f"behavior mode ({ode}, T=0; rank ratio {ratio:.2f})"}
                 return mode
         obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
         if cfg.selection == "auto":

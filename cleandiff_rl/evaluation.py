@@ -146,7 +146,9 @@ def evaluate_checkpoint(cfg: Mapping[str, Any]) -> dict[str, Any]:
     result = evaluate(policy, cfg["env_id"], episodes=cfg["episodes"], seed=cfg["seed"], solver=cfg["solver"],
                       steps=cfg["steps"], progress=True)
     record = {"checkpoint": str(cfg["checkpoint"]), "algo": policy.name, "dataset_id": policy.dataset_id,
-              "updates": policy.updates, "seed": cfg["seed"], "settings": settings, **result}
+              "updates": policy.updates, "seed": cfg["seed"], "settings": settings,
+              "act_settings": policy.with_settings({"solver": cfg["solver"], "steps": cfg["steps"]}).act_settings(),
+              **result}
     atomic_write(Path(cfg["run_dir"]) / "evaluation.json", lambda f: json.dump(record, f, indent=1))
     return record
 

@@ -33,7 +33,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from cleandiff_rl.agents import get_algorithm
+from cleandiff_rl.agents import Agent, get_algorithm
 from cleandiff_rl.data import dataset_average
 from cleandiff_rl.data.builder import build_datasets
 from cleandiff_rl.data.registry import build_command, datasets_root, parse_id, task_of
@@ -144,12 +144,14 @@ def timing(checkpoint: Path) -> dict:
 
 def evaluation_job(checkpoint: Path, folder: Path, settings: dict, cfg: DictConfig) -> list[str] | None:
     """evaluate.py's overrides for one checkpoint and act variant; None when `folder` already holds that
-    evaluation of this checkpoint (same episodes, seeds and settings, written after the checkpoint)."""
+    evaluation of this checkpoint (same episodes, seeds and settings, written after the checkpoint), acting
+    as the policy acts now with them (not if a default changed since)."""
     done = folder / "evaluation.json"
     if done.is_file() and done.stat().st_mtime > checkpoint.stat().st_mtime:
         record = json.loads(done.read_text())
         if (record["episodes"], record.get("seed"), record["settings"]) == (cfg.episodes, cfg.seed + 1000, settings):
-            return None
+            if record.get("act_settings") == Agent.load(checkpoint, "cpu").with_settings(settings).act_settings():
+                return None
     return [override("checkpoint", checkpoint), override("run_dir", folder), f"episodes={cfg.episodes}",
             f"seed={cfg.seed + 1000}", f"device={cfg.device}",
             *(override(f"+settings.{key}", value) for key, value in settings.items())]

@@ -108,7 +108,7 @@ def test_temperature_zero_with_an_ode_solver_acts_deterministically(algo, hopper
     path = train(train_config(algo, hopper_random, tmp_path / algo, steps=12))
     obs = np.random.default_rng(0).normal(size=(3, 11))
     policy = load_policy(str(path), solver="ddim", temperature=0)
-    if algo == "idql":  # not `auto`, which may act at the mode whatever the temperature
+    if algo in ("idql", "dql"):  # not `auto`, which may act at the mode whatever the temperature
         policy.with_settings({"selection": "argmax"})
     first, second = (policy.act(obs, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
     np.testing.assert_array_equal(first, second)
@@ -312,13 +312,22 @@ class StubCritic(torch.nn.Module):
         return torch.minimum(*self(obs, act))
 
 
-def test_idql_auto_selection_takes_argmax_only_where_the_critic_ranks_candidates(hopper_random, tmp_path):
-    """`selection: auto` (the default) measures once per weights how far a state's candidates' Q values
-    spread against the twin critics' disagreement, on dataset states fixed before training: above 1 it
-    acts by argmax Q, else at the behavior model's mode (one DDIM sample at temperature 0). An older
-    checkpoint without those states loads and acts by argmax."""
-    path = train(train_config("idql", hopper_random, tmp_path, steps=4))
-    policy = load_policy(str(path), "cpu")
+MODE = {"selection": "argmax", "solver": "ddim", "temperature": 0.0, "num_candidates": 1}  # one ODE sample from zero noise
+
+
+@pytest.mark.parametrize("algo, critic, always, otherwise, labels", [
+    ("idql", "critic_target", {"selection": "argmax"}, MODE, ("argmax Q of 4", "behavior mode (ddim")),
+    ("dql", "critic_target", {"selection": "softmax"}, {**MODE, "selection": "softmax"}, ("softmax Q of 4", "actor's mode (ddim")),
+    ("fql", "critic", {"selection": "argmax"}, {"num_candidates": 1}, ("best of 4 by Q", "one action")),
+])
+def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, critic, always, otherwise, labels,
+                                                                       hopper_random, tmp_path):
+    """`selection: auto` (the default of IDQL, Diffusion-QL and FQL) measures once per weights how far a
+    state's candidates' Q values spread against the twin critics' disagreement, on dataset states fixed
+    before training: above 1 it selects among the candidates as `always` does, else it acts as `otherwise`
+    (the diffusion actor's mode; FQL: one action). An older checkpoint without those states selects."""
+    path = train(train_config(algo, hopper_random, tmp_path, steps=4))
+    policy = load_policy(str(path), "cpu").with_settings({"num_candidates": 4})
     assert policy.config.selection == "auto" and not policy.probe_obs.isnan().any()
     data = read_episodes(hopper_random)
     assert any(torch.allclose(policy.probe_obs[0], policy.obs_normalizer.normalize(torch.as_tensor(o)), atol=1e-5)
@@ -326,32 +335,34 @@ def test_idql_auto_selection_takes_argmax_only_where_the_critic_ranks_candidates
     obs = data.obs[:8]
 
     def acts(**settings):
-        return policy.with_settings(settings).act(obs, generator=torch.Generator().manual_seed(1))
+        return policy.with_settings({"selection": "auto", "temperature": 1.0, "num_candidates": 4, **settings}).act(
+            obs, generator=torch.Generator().manual_seed(1))
 
-    mode = acts(selection="argmax", solver="ddim", temperature=0.0, num_candidates=1)
-    policy.critic_target = StubCritic(scale=10.0, gap=0.01)  # Q spread across candidates >> disagreement
-    best = acts(selection="argmax", solver="ddpm", temperature=1.0, num_candidates=4)
-    np.testing.assert_array_equal(acts(selection="auto"), best)
-    assert policy.rank_ratio() > 100 and policy.last_sample_log["acting"].startswith("argmax Q of 4")
-    assert not np.allclose(best, mode)
-    policy.critic_target = StubCritic(scale=0.01, gap=5.0)  # the critics disagree more than candidates differ
+    fallback = acts(**otherwise)
+    setattr(policy, critic, StubCritic(scale=10.0, gap=0.01))  # Q spread across candidates >> disagreement
+    best = acts(**always)
+    np.testing.assert_array_equal(acts(), best)
+    assert policy.rank_ratio() > 2 and policy.last_sample_log["acting"].startswith(labels[0])
+    assert not np.allclose(best, fallback)
+    setattr(policy, critic, StubCritic(scale=0.01, gap=5.0))  # the critics disagree more than candidates differ
     policy.updates += 1  # new weights: measured again
-    np.testing.assert_array_equal(acts(selection="auto"), mode)
-    assert policy.rank_ratio() < 0.1 and policy.last_sample_log["acting"].startswith("behavior mode (ddim")
-    ode_mode = acts(selection="argmax", solver="ode_dpmsolver++_2M", temperature=0.0, num_candidates=1)
-    policy.with_settings({"selection": "auto", "num_candidates": 4, "temperature": 1.0})
-    np.testing.assert_array_equal(policy.act(obs, solver="ode_dpmsolver++_2M"), ode_mode)  # a sweep's ODE solver
-    policy.set_sampling(solver="ddpm")
+    np.testing.assert_array_equal(acts(), fallback)
+    assert policy.rank_ratio() < 0.5 and policy.last_sample_log["acting"].startswith(labels[1])
+    np.testing.assert_array_equal(acts(num_candidates=1), acts(**always, num_candidates=1))  # one: its own pick
+    if algo != "fql":  # a sweep's ODE solver samples the mode itself
+        ode_mode = acts(**{**otherwise, "solver": "ode_dpmsolver++_2M"})
+        acts()
+        np.testing.assert_array_equal(policy.act(obs, solver="ode_dpmsolver++_2M"), ode_mode)
+        policy.set_sampling(solver=get_algorithm(algo).Config.solver)
     state = load_checkpoint(path)
     del state["model"]["probe_obs"]
-    old = get_algorithm("idql").from_checkpoint(state, "cpu")
-    old.critic_target = StubCritic(scale=0.01, gap=5.0)
-    best = old.with_settings({"selection": "argmax"}).act(obs, generator=torch.Generator().manual_seed(1))
-    auto = old.with_settings({"selection": "auto"}).act(obs, generator=torch.Generator().manual_seed(1))
+    old = get_algorithm(algo).from_checkpoint(state, "cpu")
+    setattr(old, critic, StubCritic(scale=0.01, gap=5.0))
+    settings = {"num_candidates": 4, "temperature": 1.0}
+    best = old.with_settings({**settings, **always}).act(obs, generator=torch.Generator().manual_seed(1))
+    auto = old.with_settings({**settings, "selection": "auto"}).act(obs, generator=torch.Generator().manual_seed(1))
     np.testing.assert_array_equal(auto, best)
-    assert old.last_sample_log["acting"] == "argmax Q of 4 (rank ratio nan)"
-    with pytest.raises(ValueError, match="num_candidates must be >= 2"):
-        get_algorithm("idql")(11, 3, {"num_candidates": 1}, device="cpu")
+    assert old.last_sample_log["acting"].startswith(labels[0]) and old.last_sample_log["acting"].endswith("(rank ratio nan)")
 
 
 def test_select_modes():
@@ -569,6 +580,15 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
     subprocess.run(command, check=True, env=env, capture_output=True)
     assert [path.stat().st_mtime_ns for path in done] == written
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+    stale = out / names[0] / "diffusion_bc" / "evaluations" / "diffusion_bc" / "evaluation.json"
+    record = json.loads(stale.read_text())
+    assert record["act_settings"] == {"solver": "ddpm", "steps": 5, "temperature": 1.0}
+    record["act_settings"]["temperature"] = 0.5  # as if the default had changed since this evaluation
+    stale.write_text(json.dumps(record))
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    again = [path.stat().st_mtime_ns for path in done]
+    assert [path for path, before, after in zip(done, written, again) if before != after] == [stale]
+    assert json.loads(stale.read_text())["act_settings"]["temperature"] == 1.0
     bad = subprocess.run([*command[:3], "datasets=[hopper-mediun]", f"run_dir={tmp_path / 'bad'}"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown dataset 'hopper-mediun': neither a task" in bad.stderr

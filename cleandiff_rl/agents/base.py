@@ -237,6 +237,12 @@ class Agent(nn.Module):
             setattr(self.config, key, value)
         return self.set_sampling(**sampling)
 
+    def act_settings(self) -> dict[str, Any]:
+        """How `act` acts now: solver and steps (None without a sampler) and the config's `ACT_SETTINGS`.
+        An evaluation records them, so a rerun can tell that a changed default makes a new result."""
+        acting = {key: getattr(self.config, key) for key in ACT_SETTINGS if hasattr(self.config, key)}
+        return {"solver": self.solver, "steps": self.steps, **acting}
+
     @torch.no_grad()
     def act(self, obs: np.ndarray | Tensor, *, solver: str | None = None, steps: int | None = None,
             generator: torch.Generator | None = None) -> np.ndarray:

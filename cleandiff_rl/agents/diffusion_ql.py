@@ -8,7 +8,12 @@ Per update (Zhendong-Wang/Diffusion-Policies-for-Offline-RL, agents/ql_diffusion
    with a_pi sampled from the online actor *with gradients through every sampling step*.
 3. Both gradient norms are clipped at the per-task `grad_norm`; targets track the critic with
    tau = 0.005 every step; the actor's EMA (0.995) updates every 5 steps from step 1000.
-Acting: sample `num_candidates` actions per state and draw one with probability softmax(Q).
+Acting: sample `num_candidates` actions per state and draw one with probability softmax(Q) (the
+original's). This project's `selection: auto` (the default) does so only where the critics can rank a
+state's candidates (`rank_ratio` > 1 with the target critics' min Q as the score, agents/common.py
+`RankedCandidates`), and acts at the actor's mode (one ODE sample at temperature 0) elsewhere. On hopper
+the ratio was 1.42 on medium-replay (softmax 23.8 against the mode's 12.4) and 0.71 on medium-expert
+(softmax 40.6, mode 45.7).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from torch import Tensor
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import (
     DiffusionActorConfig,
+    RankedCandidates,
     TwinQ,
+    behavior_mode,
     diffusion_actor,
     sample_candidates,
     select,
@@ -51,12 +58,13 @@ class DiffusionQLConfig(DiffusionActorConfig):
     critic_lr: float = 3e-4
     critic_hidden: int = 256
     num_candidates: int = 50  # actions sampled per state when acting
-    selection: str = "softmax"  # softmax (the original, temperature 1), argmax, or expectile (not for DQL)
+    selection: str = "auto"  # softmax where the critics rank candidates, else the mode; softmax (the original) | argmax
     selection_temperature: float = 1.0
+    rank_threshold: float = 1.0  # auto: select among candidates when `rank_ratio` exceeds this
     act_with_ema: bool = True  # the original acts with the online actor; the EMA one is steadier
 
 
-class DiffusionQL(Agent):
+class DiffusionQL(RankedCandidates, Agent):
     name = "dql"
     Config = DiffusionQLConfig
     ema_models = ("actor",)
@@ -64,8 +72,8 @@ class DiffusionQL(Agent):
     def __init__(self, obs_dim: int, act_dim: int, config: dict | DiffusionQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
         cfg = self.config
-        if cfg.selection not in ("softmax", "argmax"):
-            raise ValueError(f"Diffusion-QL selects candidates by 'softmax' or 'argmax' of Q, got {cfg.selection!r}")
+        if cfg.selection not in ("auto", "softmax", "argmax"):
+            raise ValueError(f"Diffusion-QL selects candidates by 'auto', 'softmax' or 'argmax', got {cfg.selection!r}")
         clip = cfg.grad_norm or None
         self.actor = diffusion_actor(cfg, DQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim), grad_clip_norm=clip,
                                      device=self.device)
@@ -73,6 +81,7 @@ class DiffusionQL(Agent):
         self.critic = TwinQ(obs_dim, act_dim, hidden, act="mish").to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+        self._init_probes(obs_dim)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer, "critic": self.critic_optimizer}
@@ -122,7 +131,27 @@ class DiffusionQL(Agent):
             use_ema=cfg.act_with_ema, generator=generator)
         return obs_rep, actions, self.critic_target.q_min(obs_rep, actions)
 
+    def _probe_candidates(self, obs: Tensor, n: int, solver: str, steps: int,
+                          generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """`rank_ratio`'s candidates: the selection score (min Q) and both target critics' Q."""
+        obs_rep, actions, _ = sample_candidates(self.actor, obs, self.act_dim, n, solver=solver, steps=steps,
+                                                temperature=self.config.temperature, use_ema=self.config.act_with_ema,
+                                                generator=generator)
+        q1, q2 = self.critic_target(obs_rep, actions)
+        return torch.minimum(q1, q2), q1, q2
+
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
+        selection = cfg.selection
+        if selection == "auto":
+            ranks, ratio = self.ranks_candidates(solver, steps)
+            if not ranks:
+                mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
+                                               use_ema=cfg.act_with_ema, generator=generator)
+                self.last_sample_log = {**log, "acting": f"actor's mode ({ode}, T=0; rank ratio {ratio:.2f})"}
+                return mode
+            selection = "softmax"
         _, actions, q = self.candidates(obs, solver, steps, generator)
-        return select(actions, q, cfg.num_candidates, cfg.selection, cfg.selection_temperature, generator)
+        if cfg.selection == "auto":
+            self.last_sample_log["acting"] = f"softmax Q of {cfg.num_candidates} (rank ratio {ratio:.2f})"
+        return select(actions, q, cfg.num_candidates, selection, cfg.selection_temperature, generator)

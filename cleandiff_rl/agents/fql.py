@@ -14,9 +14,12 @@ Per update (seohongpark/fql, agents/fql.py):
 The original sums the three losses and takes one Adam step; their parameters are disjoint, so separate
 Adam steps give the same update, except that here the critic steps first and the actor's Q term sees
 the stepped critic (as in Diffusion-QL).
-Acting (`acting: onestep`): a = mu(s, z), z ~ N(0, temperature^2 I), one network call. With
-`num_candidates` N > 1 (this project's option; the paper acts with one), N noises give N actions in one
-batched call and the critics' mean Q picks the best (as Diffusion-QL and IDQL select their candidates).
+Acting (`acting: onestep`): a = mu(s, z), z ~ N(0, temperature^2 I), one network call (the paper's).
+This project's `selection: auto` (the default) draws N = `num_candidates` (5) noises, N actions in one
+batched call, and keeps the one with the highest mean Q, but only where the critics can rank a state's
+candidates (`rank_ratio` > 1, agents/common.py `RankedCandidates`); elsewhere it acts with one. On hopper
+best of 5 gained 7 points on medium-replay (ratio 1.76) and lost 25 on medium-expert (ratio 0.65).
+`selection: argmax` always takes the best of N; `num_candidates: 1` is the paper's acting.
 `acting: flow` samples the BC flow policy instead, with any solver and steps (no critic): what a sweep
 compares.
 """
@@ -30,13 +33,14 @@ import torch
 from torch import Tensor
 
 from cleandiff_rl.agents.base import Agent
-from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_model, select
+from cleandiff_rl.agents.common import DiffusionActorConfig, RankedCandidates, TwinQ, diffusion_model, select
 from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.nn import FlowMlp
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
 
 ACTING = ("onestep", "flow")
+SELECTIONS = ("auto", "argmax")
 
 
 @dataclass
@@ -62,10 +66,12 @@ class FQLConfig(DiffusionActorConfig):
     tau: float = 0.005
     critic_lr: float = 3e-4
     acting: str = "onestep"  # onestep (the paper's) or flow (the BC flow policy, any solver and steps)
-    num_candidates: int = 1  # onestep acting: draw N actions mu(s, z) and keep the one with the highest Q
+    num_candidates: int = 5  # onestep acting: N actions mu(s, z), the one with the highest Q (1: the paper's)
+    selection: str = "auto"  # best of N where the critics rank candidates, else one action; argmax: always best of N
+    rank_threshold: float = 1.0  # auto: best of N when `rank_ratio` exceeds this
 
 
-class FQL(Agent):
+class FQL(RankedCandidates, Agent):
     name = "fql"
     Config = FQLConfig
     ema_models = ("flow",)
@@ -79,6 +85,8 @@ class FQL(Agent):
             raise ValueError(f"unknown acting {cfg.acting!r}; valid: {', '.join(ACTING)}")
         if cfg.num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {cfg.num_candidates}")
+        if cfg.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {cfg.selection!r}; valid: {', '.join(SELECTIONS)}")
         hidden = (cfg.hidden_dim,) * cfg.n_layers
         self.flow = diffusion_model(cfg, FlowMlp(act_dim, obs_dim, cfg.hidden_dim, cfg.n_layers), device=self.device)
         # the teacher's ODE starts at its grid's first level, from noise z scaled to the noise level there
@@ -89,6 +97,7 @@ class FQL(Agent):
         self.critic = TwinQ(obs_dim, act_dim, hidden, act="gelu", layer_norm=True).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+        self._init_probes(obs_dim)
 
     @property
     def is_diffusion(self) -> bool:  # type: ignore[override]
@@ -145,6 +154,20 @@ class FQL(Agent):
                 "actor/q_loss": q_loss.detach(), "actor/grad_norm": actor_grad, "critic/loss": critic_loss.detach(),
                 "critic/grad_norm": critic_grad, "critic/q_mean": q1.detach().mean(), "critic/target_mean": target.mean()}
 
+    def candidates(self, obs: Tensor, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """`n` one-step actions per observation in one call, `(b * n, act_dim)`, and both critics' Q on them."""
+        obs_rep = obs.repeat_interleave(n, 0)
+        noise = torch.randn(obs_rep.shape[0], self.act_dim, generator=generator, device=obs.device)
+        actions = self.one_step(obs_rep, noise.mul_(self.config.temperature))
+        q1, q2 = self.critic(obs_rep, actions) if n > 1 else (None, None)
+        return actions, q1, q2
+
+    def _probe_candidates(self, obs: Tensor, n: int, solver: str | None, steps: int | None,
+                          generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """`rank_ratio`'s candidates: the selection score (mean Q) and both critics' Q."""
+        _, q1, q2 = self.candidates(obs, n, generator)
+        return (q1 + q2) / 2, q1, q2
+
     def _act(self, obs: Tensor, solver: str | None, steps: int | None, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
         if cfg.acting == "flow":
@@ -152,12 +175,13 @@ class FQL(Agent):
             action, self.last_sample_log = self.flow.sample(prior, solver=solver, steps=steps, condition_cfg=obs,
                                                             temperature=cfg.temperature, generator=generator)
             return action.clamp(-1.0, 1.0)
-        n = cfg.num_candidates
-        obs_rep = obs.repeat_interleave(n, 0)
-        noise = torch.randn(obs_rep.shape[0], self.act_dim, generator=generator, device=obs.device).mul_(cfg.temperature)
+        n, acting = cfg.num_candidates, None
+        if cfg.selection == "auto" and n > 1:
+            ranks, ratio = self.ranks_candidates()
+            n = n if ranks else 1
+            acting = f"best of {n} by Q (rank ratio {ratio:.2f})" if ranks else f"one action (rank ratio {ratio:.2f})"
+        actions, q1, q2 = self.candidates(obs, n, generator)
         self.last_sample_log = {"nfe": 1, "classifier_calls": 0, "cfg_batched": False}  # per candidate
-        actions = self.one_step(obs_rep, noise)
-        if n == 1:
-            return actions
-        q1, q2 = self.critic(obs_rep, actions)
-        return select(actions, (q1 + q2) / 2, n, "argmax")
+        if acting:
+            self.last_sample_log["acting"] = acting
+        return actions if n == 1 else select(actions, (q1 + q2) / 2, n, "argmax")

@@ -9,9 +9,9 @@ Per update (philippe-eecs/IDQL, jaxrl5/agents/ddpm_iql_simple/ddpm_iql_learner.p
    critic update costs about a quarter of a behavior-model update on one CPU core, so
    `critic_updates > 1` buys more critic updates for less than their share of time (the original: 1).
 Acting (`selection: auto`, the default): act by argmax Q only where the critic can rank a state's
-candidates, else at the behavior model's mode. Once per set of weights, `rank_ratio` measures it on
-256 dataset states fixed before training: the mean spread (std) of min Q over each state's
-`num_candidates` samples, over the twin critics' mean disagreement |Q1 - Q2| on the same samples.
+candidates, else at the behavior model's mode; `rank_ratio` (agents/common.py `RankedCandidates`)
+measures it once per set of weights on 256 dataset states fixed before training, with the target
+critics' min Q as the score.
 - ratio > `rank_threshold` (1): sample `num_candidates` actions from the EMA behavior model and take
   the one with the highest min Q (`selection: argmax`, the released code's evaluation). On
   medium-replay this scores 3-8x BC.
@@ -38,17 +38,16 @@ from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import (
     SELECTIONS,
     DiffusionActorConfig,
+    RankedCandidates,
     TwinQ,
+    behavior_mode,
     diffusion_actor,
     sample_candidates,
     select,
 )
-from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.nn import IDQLMlp
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
-
-PROBE_STATES = 256  # dataset states `rank_ratio` is measured on
 
 
 @dataclass
@@ -83,19 +82,16 @@ def expectile_weights(advantage: Tensor, expectile: float) -> Tensor:
     return torch.where(advantage > 0, expectile, 1.0 - expectile)
 
 
-class IDQL(Agent):
+class IDQL(RankedCandidates, Agent):
     name = "idql"
     Config = IDQLConfig
     ema_models = ("actor",)
-    added_state = ("probe_obs",)
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | IDQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
         cfg = self.config
         if cfg.selection not in (*SELECTIONS, "auto"):
             raise ValueError(f"unknown selection {cfg.selection!r}; valid: auto, {', '.join(SELECTIONS)}")
-        if cfg.selection == "auto" and cfg.num_candidates < 2:
-            raise ValueError("selection 'auto' ranks a state's candidates: num_candidates must be >= 2")
         if cfg.critic_updates < 1:
             raise ValueError(f"critic_updates must be >= 1, got {cfg.critic_updates}")
         backbone = IDQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim, n_blocks=cfg.n_blocks, dropout=cfg.dropout)
@@ -107,9 +103,7 @@ class IDQL(Agent):
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=cfg.critic_lr)
         self.register_buffer("reward_scale", torch.ones((), device=self.device))
-        # dataset states (normalized) on which `rank_ratio` is measured; NaN until `prepare`
-        self.register_buffer("probe_obs", torch.full((PROBE_STATES, obs_dim), float("nan"), device=self.device))
-        self._rank_cache: tuple = ((), 0.0)
+        self._init_probes(obs_dim)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer, "critic": self.critic_optimizer, "value": self.value_optimizer}
@@ -119,15 +113,12 @@ class IDQL(Agent):
         return self.config.critic_updates
 
     def prepare(self, dataset) -> None:
-        """Fix the reward scale from the dataset's episode returns, and the states `rank_ratio` is
-        measured on (a fixed draw, so every process and rerun picks the same), before training."""
+        """Fix the reward scale from the dataset's episode returns (and the probe states), before training."""
+        super().prepare(dataset)
         returns = dataset.episode_returns
         spread = float(returns.max() - returns.min())
         if self.config.scale_rewards and spread > 0:
             self.reward_scale.fill_(1000.0 / spread)
-        obs = dataset.data["obs"]
-        draw = torch.randint(len(obs), (PROBE_STATES,), generator=torch.Generator().manual_seed(0))
-        self.probe_obs.copy_(obs[draw.to(obs.device)])
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         cfg = self.config
@@ -172,34 +163,21 @@ class IDQL(Agent):
             generator=generator)
         return obs_rep, actions, self.critic_target.q_min(obs_rep, actions)
 
-    @torch.no_grad()
-    def rank_ratio(self, solver: str | None = None, steps: int | None = None) -> float:
-        """Whether the critic can rank a state's candidates: on the probe states, the mean within-state
-        std of min Q over `num_candidates` samples, divided by the mean |Q1 - Q2| on them (the twin
-        critics' disagreement). Computed once per weights and sampling settings (fixed noise). NaN
-        without probe states (`prepare` never ran: an agent trained by hand, or an older checkpoint)."""
-        cfg, solver, steps = self.config, solver or self.solver, steps or self.steps
-        key = (self.updates, cfg.num_candidates, solver, steps, cfg.temperature)
-        if self.probe_obs.isnan().any():
-            return float("nan")
-        if self._rank_cache[0] != key:
-            generator = torch.Generator(self.device).manual_seed(0)
-            obs_rep, actions, _ = sample_candidates(self.actor, self.probe_obs, self.act_dim, cfg.num_candidates,
-                                                    solver=solver, steps=steps, temperature=cfg.temperature,
-                                                    generator=generator)
-            q1, q2 = (q.view(-1, cfg.num_candidates) for q in self.critic_target(obs_rep, actions))
-            spread = torch.minimum(q1, q2).std(-1).mean()
-            self._rank_cache = (key, float(spread / (q1 - q2).abs().mean().clamp_min(1e-8)))
-        return self._rank_cache[1]
+    def _probe_candidates(self, obs: Tensor, n: int, solver: str, steps: int,
+                          generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """`rank_ratio`'s candidates: the selection score (min Q) and both target critics' Q."""
+        obs_rep, actions, _ = sample_candidates(self.actor, obs, self.act_dim, n, solver=solver, steps=steps,
+                                                temperature=self.config.temperature, generator=generator)
+        q1, q2 = self.critic_target(obs_rep, actions)
+        return torch.minimum(q1, q2), q1, q2
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
         if cfg.selection == "auto":
-            ratio = self.rank_ratio(solver, steps)  # NaN (not measured): argmax, as before `auto`
-            if ratio <= cfg.rank_threshold:  # the mode: an ODE solver (the one asked for, e.g. in a sweep) at T=0
-                ode = "ddim" if get_solver(solver).stochastic else solver
-                _, mode, log = sample_candidates(self.actor, obs, self.act_dim, 1, solver=ode, steps=steps,
-                                                 temperature=0.0, generator=generator)
+            ranks, ratio = self.ranks_candidates(solver, steps)
+            if not ranks:
+                mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
+                                               generator=generator)
                 self.last_sample_log = {**log, "acting": f"behavior mode ({ode}, T=0; rank ratio {ratio:.2f})"}
                 return mode
         obs_rep, actions, q = self.candidates(obs, solver, steps, generator)

@@ -108,7 +108,7 @@ def test_temperature_zero_with_an_ode_solver_acts_deterministically(algo, hopper
     path = train(train_config(algo, hopper_random, tmp_path / algo, steps=12))
     obs = np.random.default_rng(0).normal(size=(3, 11))
     policy = load_policy(str(path), solver="ddim", temperature=0)
-    if algo in ("idql", "dql"):  # not `auto`, which may act at the mode whatever the temperature
+    if algo in ("idql", "dql", "fql"):  # not `auto`, which may act at the mode whatever the temperature
         policy.with_settings({"selection": "argmax"})
     first, second = (policy.act(obs, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
     np.testing.assert_array_equal(first, second)
@@ -318,14 +318,15 @@ MODE = {"selection": "argmax", "solver": "ddim", "temperature": 0.0, "num_candid
 @pytest.mark.parametrize("algo, critic, always, otherwise, labels", [
     ("idql", "critic_target", {"selection": "argmax"}, MODE, ("argmax Q of 4", "behavior mode (ddim")),
     ("dql", "critic_target", {"selection": "softmax"}, {**MODE, "selection": "softmax"}, ("softmax Q of 4", "actor's mode (ddim")),
-    ("fql", "critic", {"selection": "argmax"}, {"num_candidates": 1}, ("best of 4 by Q", "one action")),
+    ("fql", "critic", {"selection": "argmax"}, {"num_candidates": 1, "temperature": 0.0}, ("best of 4 by Q", "mode mu(s, 0)")),
 ])
 def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, critic, always, otherwise, labels,
                                                                        hopper_random, tmp_path):
     """`selection: auto` (the default of IDQL, Diffusion-QL and FQL) measures once per weights how far a
     state's candidates' Q values spread against the twin critics' disagreement, on dataset states fixed
     before training: above 1 it selects among the candidates as `always` does, else it acts as `otherwise`
-    (the diffusion actor's mode; FQL: one action). An older checkpoint without those states selects."""
+    (the actor's mode: one ODE sample from zero noise; FQL's mu(s, 0)). An older checkpoint without those
+    states selects."""
     path = train(train_config(algo, hopper_random, tmp_path, steps=4))
     policy = load_policy(str(path), "cpu").with_settings({"num_candidates": 4})
     assert policy.config.selection == "auto" and not policy.probe_obs.isnan().any()

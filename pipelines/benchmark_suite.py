@@ -191,7 +191,7 @@ def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
                 f" ± {r['score_se']:.1f}" if r["score_se"] is not None else ""))
         speeds = [r["updates_per_second"] for r in rows if r["label"] == label and r["updates_per_second"]]
         lines.append(f"| {label} | {np.mean(speeds) if speeds else float('nan'):.1f} | " + " | ".join(scores) + " |")
-    if notes:  # policies that decide their acting per checkpoint (IDQL's selection: auto)
+    if notes:  # policies that decide their acting per checkpoint (selection: auto)
         lines += ["", "acting chosen per checkpoint:", *notes]
     return "\n".join(lines).replace("| nan |", "|  |")
 

@@ -350,6 +350,7 @@ def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, cri
     np.testing.assert_array_equal(acts(), fallback)
     assert policy.rank_ratio() < 0.5 and policy.last_sample_log["acting"].startswith(labels[1])
     np.testing.assert_array_equal(acts(num_candidates=1), acts(**always, num_candidates=1))  # one: its own pick
+    assert "acting" not in policy.last_sample_log
     if algo != "fql":  # a sweep's ODE solver samples the mode itself
         ode_mode = acts(**{**otherwise, "solver": "ode_dpmsolver++_2M"})
         acts()

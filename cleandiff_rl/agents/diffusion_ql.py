@@ -142,16 +142,16 @@ class DiffusionQL(RankedCandidates, Agent):
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
-        selection = cfg.selection
-        if selection == "auto":
+        decide = cfg.selection == "auto" and cfg.num_candidates > 1  # one candidate is its own pick
+        if decide:
             ranks, ratio = self.ranks_candidates(solver, steps)
             if not ranks:
                 mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
                                                use_ema=cfg.act_with_ema, generator=generator)
                 self.last_sample_log = {**log, "acting": f"actor's mode ({ode}, T=0; rank ratio {ratio:.2f})"}
                 return mode
-            selection = "softmax"
         _, actions, q = self.candidates(obs, solver, steps, generator)
-        if cfg.selection == "auto":
+        if decide:
             self.last_sample_log["acting"] = f"softmax Q of {cfg.num_candidates} (rank ratio {ratio:.2f})"
+        selection = "softmax" if cfg.selection == "auto" else cfg.selection
         return select(actions, q, cfg.num_candidates, selection, cfg.selection_temperature, generator)

@@ -173,7 +173,8 @@ class IDQL(RankedCandidates, Agent):
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
-        if cfg.selection == "auto":
+        decide = cfg.selection == "auto" and cfg.num_candidates > 1  # one candidate is its own pick
+        if decide:
             ranks, ratio = self.ranks_candidates(solver, steps)
             if not ranks:
                 mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
@@ -181,7 +182,7 @@ class IDQL(RankedCandidates, Agent):
                 self.last_sample_log = {**log, "acting": f"behavior mode ({ode}, T=0; rank ratio {ratio:.2f})"}
                 return mode
         obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
-        if cfg.selection == "auto":
+        if decide:
             self.last_sample_log["acting"] = f"argmax Q of {cfg.num_candidates} (rank ratio {ratio:.2f})"
         if cfg.selection == "expectile":
             scores = expectile_weights(q - self.value(obs_rep).squeeze(-1), cfg.expectile)

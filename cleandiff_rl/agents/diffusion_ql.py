@@ -10,7 +10,7 @@ Per update (Zhendong-Wang/Diffusion-Policies-for-Offline-RL, agents/ql_diffusion
    tau = 0.005 every step; the actor's EMA (0.995) updates every 5 steps from step 1000.
 Acting: sample `num_candidates` actions per state and draw one with probability softmax(Q) (the
 original's). This project's `selection: auto` (the default) does so only where the critics can rank a
-state's candidates (`rank_ratio` > 1 with the target critics' min Q as the score, agents/common.py
+state's candidates (`rank_ratio` > 0.75 with the target critics' min Q as the score, agents/common.py
 `RankedCandidates`), and acts at the actor's mode (one ODE sample at temperature 0) elsewhere. On hopper
 the ratio was 1.42 on medium-replay (softmax 23.8 against the mode's 12.4) and 0.71 on medium-expert
 (softmax 40.6, mode 45.7).
@@ -28,6 +28,7 @@ from torch import Tensor
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import (
     DiffusionActorConfig,
+    RANK_THRESHOLD,
     RankedCandidates,
     TwinQ,
     behavior_mode,
@@ -60,7 +61,7 @@ class DiffusionQLConfig(DiffusionActorConfig):
     num_candidates: int = 50  # actions sampled per state when acting
     selection: str = "auto"  # softmax where the critics rank candidates, else the mode; softmax (the original) | argmax
     selection_temperature: float = 1.0
-    rank_threshold: float = 1.0  # auto: select among candidates when `rank_ratio` exceeds this
+    rank_threshold: float = RANK_THRESHOLD  # auto: select among candidates when `rank_ratio` exceeds this
     act_with_ema: bool = True  # the original acts with the online actor; the EMA one is steadier
 
 

@@ -17,7 +17,7 @@ the stepped critic (as in Diffusion-QL).
 Acting (`acting: onestep`): a = mu(s, z), z ~ N(0, temperature^2 I), one network call (the paper's).
 This project's `selection: auto` (the default) draws N = `num_candidates` (5) noises, N actions in one
 batched call, and keeps the one with the highest mean Q, but only where the critics can rank a state's
-candidates (`rank_ratio` > 1, agents/common.py `RankedCandidates`); elsewhere it acts with mu(s, 0), the
+candidates (`rank_ratio` > 0.75, agents/common.py `RankedCandidates`); elsewhere it acts with mu(s, 0), the
 actor's mode, as IDQL and Diffusion-QL act at their actor's mode there. On hopper medium-replay (ratio
 1.76) best of 5 scored 24.3 against one action's 17.4; on medium-expert (ratio 0.65) mu(s, 0) scored
 78.2, one action at temperature 1 60.7 and best of 5 35.5.
@@ -35,7 +35,14 @@ import torch
 from torch import Tensor
 
 from cleandiff_rl.agents.base import Agent
-from cleandiff_rl.agents.common import DiffusionActorConfig, RankedCandidates, TwinQ, diffusion_model, select
+from cleandiff_rl.agents.common import (
+    RANK_THRESHOLD,
+    DiffusionActorConfig,
+    RankedCandidates,
+    TwinQ,
+    diffusion_model,
+    select,
+)
 from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.nn import FlowMlp
 from cleandiff_rl.nn.layers import mlp
@@ -70,7 +77,7 @@ class FQLConfig(DiffusionActorConfig):
     acting: str = "onestep"  # onestep (the paper's) or flow (the BC flow policy, any solver and steps)
     num_candidates: int = 5  # onestep acting: N actions mu(s, z), the one with the highest Q (1: the paper's)
     selection: str = "auto"  # best of N where the critics rank candidates, else one action; argmax: always best of N
-    rank_threshold: float = 1.0  # auto: best of N when `rank_ratio` exceeds this
+    rank_threshold: float = RANK_THRESHOLD  # auto: best of N when `rank_ratio` exceeds this
 
 
 class FQL(RankedCandidates, Agent):

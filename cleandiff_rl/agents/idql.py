@@ -12,7 +12,7 @@ Acting (`selection: auto`, the default): act by argmax Q only where the critic c
 candidates, else at the behavior model's mode; `rank_ratio` (agents/common.py `RankedCandidates`)
 measures it once per set of weights on 256 dataset states fixed before training, with the target
 critics' min Q as the score.
-- ratio > `rank_threshold` (1): sample `num_candidates` actions from the EMA behavior model and take
+- ratio > `rank_threshold` (0.75): sample `num_candidates` actions from the EMA behavior model and take
   the one with the highest min Q (`selection: argmax`, the released code's evaluation). On
   medium-replay this scores 3-8x BC.
 - else: one sample from zero noise (temperature 0) with an ODE solver (the one asked for; DDIM in place of
@@ -38,6 +38,7 @@ from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import (
     SELECTIONS,
     DiffusionActorConfig,
+    RANK_THRESHOLD,
     RankedCandidates,
     TwinQ,
     behavior_mode,
@@ -70,7 +71,7 @@ class IDQLConfig(DiffusionActorConfig):
     num_candidates: int = 64
     selection: str = "auto"  # argmax where the critic ranks candidates, else the mode; argmax | expectile | softmax
     selection_temperature: float = 1.0  # used by softmax only
-    rank_threshold: float = 1.0  # auto: argmax when `rank_ratio` exceeds this
+    rank_threshold: float = RANK_THRESHOLD  # auto: argmax when `rank_ratio` exceeds this
 
 
 def expectile_weights(advantage: Tensor, expectile: float) -> Tensor:

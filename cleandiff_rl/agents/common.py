@@ -146,8 +146,8 @@ class RankedCandidates:
     critics' own uncertainty. Above `rank_threshold` (`RANK_THRESHOLD`, 0.75) the agent selects; the
     threshold was 1 until two halfcheetah medium-replay checkpoints (IDQL 0.82, FQL 0.97) acted without
     selection and lost 10.7 and 6.0 points (README).
-    The agent provides `_probe_candidates(obs, n, solver, steps, generator) -> (score, q1, q2)`, each
-    `(b * n,)`, and its config `num_candidates`, `temperature`, `rank_threshold`.
+    The agent provides `_probe_candidates(obs, solver, steps, generator) -> (score, q1, q2)`, each
+    `(b * num_candidates,)`, and its config `num_candidates`, `temperature`, `rank_threshold`.
     """
 
     added_state: ClassVar[tuple[str, ...]] = ("probe_obs",)
@@ -175,7 +175,7 @@ class RankedCandidates:
         key = (self.updates, cfg.num_candidates, solver, steps, cfg.temperature)
         if self._rank_cache[0] != key:
             generator = torch.Generator(self.device).manual_seed(0)
-            score, q1, q2 = self._probe_candidates(self.probe_obs, cfg.num_candidates, solver, steps, generator)
+            score, q1, q2 = self._probe_candidates(self.probe_obs, solver, steps, generator)
             spread = score.view(-1, cfg.num_candidates).std(-1).mean()
             self._rank_cache = (key, float(spread / (q1 - q2).abs().mean().clamp_min(1e-8)))
         return self._rank_cache[1]

@@ -132,14 +132,12 @@ class DiffusionQL(RankedCandidates, Agent):
             use_ema=cfg.act_with_ema, generator=generator)
         return obs_rep, actions, self.critic_target.q_min(obs_rep, actions)
 
-    def _probe_candidates(self, obs: Tensor, n: int, solver: str, steps: int,
+    def _probe_candidates(self, obs: Tensor, solver: str, steps: int,
                           generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """`rank_ratio`'s candidates: the selection score (min Q) and both target critics' Q."""
-        obs_rep, actions, _ = sample_candidates(self.actor, obs, self.act_dim, n, solver=solver, steps=steps,
-                                                temperature=self.config.temperature, use_ema=self.config.act_with_ema,
-                                                generator=generator)
-        q1, q2 = self.critic_target(obs_rep, actions)
-        return torch.minimum(q1, q2), q1, q2
+        """`rank_ratio`'s candidates, drawn as acting draws them: the selection score (min Q) and both
+        target critics' Q."""
+        obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
+        return q, *self.critic_target(obs_rep, actions)
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config

@@ -174,10 +174,11 @@ class FQL(RankedCandidates, Agent):
         q1, q2 = self.critic(obs_rep, actions) if n > 1 else (None, None)
         return actions, q1, q2
 
-    def _probe_candidates(self, obs: Tensor, n: int, solver: str | None, steps: int | None,
+    def _probe_candidates(self, obs: Tensor, solver: str | None, steps: int | None,
                           generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """`rank_ratio`'s candidates: the selection score (mean Q) and both critics' Q."""
-        _, q1, q2 = self.candidates(obs, n, generator)
+        """`rank_ratio`'s candidates, drawn as acting draws them: the selection score (mean Q) and both
+        critics' Q."""
+        _, q1, q2 = self.candidates(obs, self.config.num_candidates, generator)
         return (q1 + q2) / 2, q1, q2
 
     def _act(self, obs: Tensor, solver: str | None, steps: int | None, generator: torch.Generator | None) -> Tensor:

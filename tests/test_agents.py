@@ -367,6 +367,23 @@ def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, cri
     assert old.last_sample_log["acting"].startswith(labels[0]) and old.last_sample_log["acting"].endswith("(rank ratio nan)")
 
 
+@pytest.mark.parametrize("algo, bad", [("idql", {"selection": "best"}), ("dql", {"selection": "expectile"}),
+                                       ("fql", {"selection": "best"}), ("fql", {"acting": "bogus"})])
+def test_with_settings_refuses_what_the_constructor_refuses_and_changes_nothing(algo, bad):
+    """An act setting is checked as at construction (`check_config`): a bad one is one clear error and
+    leaves the policy acting as before, whatever else the same call asked for."""
+    cls = get_algorithm(algo)
+    with pytest.raises(ValueError, match=f"{next(iter(bad.values()))!r}"):
+        cls(11, 3, bad, device="cpu")
+    agent = cls(11, 3, device="cpu")
+    before = agent.act_settings()
+    with pytest.raises(ValueError, match=f"{next(iter(bad.values()))!r}"):
+        agent.with_settings({"num_candidates": 7, **bad})
+    assert agent.act_settings() == before
+    with pytest.raises(ValueError, match="has no setting 'nope'"):
+        agent.with_settings({"nope": 1})
+
+
 def test_select_modes():
     actions = torch.arange(6.0).view(6, 1)  # two observations x three candidates
     scores = torch.tensor([0.1, 5.0, 0.2, 3.0, 1.0, 2.0])

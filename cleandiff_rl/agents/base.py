@@ -82,6 +82,7 @@ class Agent(nn.Module):
         super().__init__()
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.config = config if isinstance(config, self.Config) else make_config(self.Config, config)
+        self.check_config(self.config)
         self.env_id, self.dataset_id = env_id, dataset_id
         device = resolve_device(device)
         self.normalizer_state = obs_normalizer
@@ -226,15 +227,23 @@ class Agent(nn.Module):
             self.steps = steps
         return self
 
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Refuse values of `cfg` this algorithm cannot use, with one clear ValueError: at construction and
+        whenever `with_settings` changes them."""
+
     def with_settings(self, settings: dict[str, Any]) -> Agent:
         """Act with other settings: solver / steps / temperature, or any field of the config (e.g. IDQL's
-        `selection`, FQL's `acting`); an unknown key is one clear error. Returns self."""
+        `selection`, FQL's `acting`); an unknown key or a value `check_config` refuses is one clear error,
+        and changes nothing. Returns self."""
         settings = dict(settings)
         sampling = {key: settings.pop(key) for key in ("solver", "steps", "temperature") if key in settings}
-        for key, value in settings.items():
+        for key in settings:
             if not hasattr(self.config, key):
                 raise ValueError(f"{self.name} has no setting {key!r}")
-            setattr(self.config, key, value)
+        config = dataclasses.replace(self.config, **settings)
+        self.check_config(config)
+        self.config = config
         return self.set_sampling(**sampling)
 
     def act_settings(self) -> dict[str, Any]:

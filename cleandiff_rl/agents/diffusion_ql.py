@@ -73,8 +73,6 @@ class DiffusionQL(RankedCandidates, Agent):
     def __init__(self, obs_dim: int, act_dim: int, config: dict | DiffusionQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
         cfg = self.config
-        if cfg.selection not in ("auto", "softmax", "argmax"):
-            raise ValueError(f"Diffusion-QL selects candidates by 'auto', 'softmax' or 'argmax', got {cfg.selection!r}")
         clip = cfg.grad_norm or None
         self.actor = diffusion_actor(cfg, DQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim), grad_clip_norm=clip,
                                      device=self.device)
@@ -83,6 +81,11 @@ class DiffusionQL(RankedCandidates, Agent):
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
         self._init_probes(obs_dim)
+
+    @classmethod
+    def check_config(cls, cfg: DiffusionQLConfig) -> None:
+        if cfg.selection not in ("auto", "softmax", "argmax"):
+            raise ValueError(f"Diffusion-QL selects candidates by 'auto', 'softmax' or 'argmax', got {cfg.selection!r}")
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer, "critic": self.critic_optimizer}

@@ -88,14 +88,6 @@ class FQL(RankedCandidates, Agent):
     def __init__(self, obs_dim: int, act_dim: int, config: dict | FQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
         cfg = self.config
-        if cfg.q_agg not in ("mean", "min"):
-            raise ValueError(f"FQL aggregates its two critics by 'mean' or 'min', got {cfg.q_agg!r}")
-        if cfg.acting not in ACTING:
-            raise ValueError(f"unknown acting {cfg.acting!r}; valid: {', '.join(ACTING)}")
-        if cfg.num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {cfg.num_candidates}")
-        if cfg.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {cfg.selection!r}; valid: {', '.join(SELECTIONS)}")
         hidden = (cfg.hidden_dim,) * cfg.n_layers
         self.flow = diffusion_model(cfg, FlowMlp(act_dim, obs_dim, cfg.hidden_dim, cfg.n_layers), device=self.device)
         # the teacher's ODE starts at its grid's first level, from noise z scaled to the noise level there
@@ -107,6 +99,17 @@ class FQL(RankedCandidates, Agent):
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
         self._init_probes(obs_dim)
+
+    @classmethod
+    def check_config(cls, cfg: FQLConfig) -> None:
+        if cfg.q_agg not in ("mean", "min"):
+            raise ValueError(f"FQL aggregates its two critics by 'mean' or 'min', got {cfg.q_agg!r}")
+        if cfg.acting not in ACTING:
+            raise ValueError(f"unknown acting {cfg.acting!r}; valid: {', '.join(ACTING)}")
+        if cfg.num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {cfg.num_candidates}")
+        if cfg.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {cfg.selection!r}; valid: {', '.join(SELECTIONS)}")
 
     @property
     def is_diffusion(self) -> bool:  # type: ignore[override]

@@ -91,10 +91,6 @@ class IDQL(RankedCandidates, Agent):
     def __init__(self, obs_dim: int, act_dim: int, config: dict | IDQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
         cfg = self.config
-        if cfg.selection not in (*SELECTIONS, "auto"):
-            raise ValueError(f"unknown selection {cfg.selection!r}; valid: auto, {', '.join(SELECTIONS)}")
-        if cfg.critic_updates < 1:
-            raise ValueError(f"critic_updates must be >= 1, got {cfg.critic_updates}")
         backbone = IDQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim, n_blocks=cfg.n_blocks, dropout=cfg.dropout)
         self.actor = diffusion_actor(cfg, backbone, device=self.device)
         hidden = (cfg.critic_hidden,) * 2
@@ -105,6 +101,13 @@ class IDQL(RankedCandidates, Agent):
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=cfg.critic_lr)
         self.register_buffer("reward_scale", torch.ones((), device=self.device))
         self._init_probes(obs_dim)
+
+    @classmethod
+    def check_config(cls, cfg: IDQLConfig) -> None:
+        if cfg.selection not in (*SELECTIONS, "auto"):
+            raise ValueError(f"unknown selection {cfg.selection!r}; valid: auto, {', '.join(SELECTIONS)}")
+        if cfg.critic_updates < 1:
+            raise ValueError(f"critic_updates must be >= 1, got {cfg.critic_updates}")
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer, "critic": self.critic_optimizer, "value": self.value_optimizer}

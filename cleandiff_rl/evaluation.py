@@ -133,7 +133,8 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
 
 def evaluate_checkpoint(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluate the checkpoint of a `configs/evaluate.yaml` config; write and return `run_dir/evaluation.json`:
-    the result of `evaluate`, with the checkpoint, its algorithm, dataset and updates, and the act settings.
+    the result of `evaluate`, with the checkpoint, its algorithm, dataset and updates, the act settings, and
+    `acts_as`: the act settings that act exactly so with any per-checkpoint choice fixed (`chosen_settings`).
 
     The evaluate pipeline's job, here so that launchers (`cleandiff_rl.launching`) can ship it to workers.
     """
@@ -145,10 +146,10 @@ def evaluate_checkpoint(cfg: Mapping[str, Any]) -> dict[str, Any]:
     policy.with_settings(settings)
     result = evaluate(policy, cfg["env_id"], episodes=cfg["episodes"], seed=cfg["seed"], solver=cfg["solver"],
                       steps=cfg["steps"], progress=True)
+    act_settings = policy.with_settings({"solver": cfg["solver"], "steps": cfg["steps"]}).act_settings()
     record = {"checkpoint": str(cfg["checkpoint"]), "algo": policy.name, "dataset_id": policy.dataset_id,
-              "updates": policy.updates, "seed": cfg["seed"], "settings": settings,
-              "act_settings": policy.with_settings({"solver": cfg["solver"], "steps": cfg["steps"]}).act_settings(),
-              **result}
+              "updates": policy.updates, "seed": cfg["seed"], "settings": settings, "act_settings": act_settings,
+              "acts_as": policy.with_settings(policy.chosen_settings()).act_settings(), **result}
     atomic_write(Path(cfg["run_dir"]) / "evaluation.json", lambda f: json.dump(record, f, indent=1))
     return record
 

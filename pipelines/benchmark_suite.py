@@ -157,10 +157,26 @@ def evaluation_job(checkpoint: Path, folder: Path, settings: dict, cfg: DictConf
             *(override(f"+settings.{key}", value) for key, value in settings.items())]
 
 
+def default_acts_as(default: Path, checkpoint: Path, settings: dict, cfg: DictConfig) -> dict | None:
+    """The default acting's evaluation (in folder `default`) recorded as the act variant `settings`, when the
+    default acted exactly as that variant acts (its `acts_as`: e.g. IDQL's `selection: auto` chose argmax
+    here); else None. So each distinct acting of a checkpoint is evaluated once."""
+    done = default / "evaluation.json"
+    if not done.is_file() or done.stat().st_mtime <= checkpoint.stat().st_mtime:
+        return None
+    record = json.loads(done.read_text())
+    act_settings = Agent.load(checkpoint, "cpu").with_settings(settings).act_settings()
+    if (record["episodes"], record.get("seed"), record.get("acts_as")) != (cfg.episodes, cfg.seed + 1000,
+                                                                          act_settings):
+        return None
+    return {**record, "settings": settings, "act_settings": act_settings, "acting": None, "same_as": str(done)}
+
+
 class Cell:
     """One dataset x algorithm as one launcher job (a task of train.py's config): train (or resume, or
     reuse a finished run), then evaluate its final checkpoint with each act setting whose evaluation is
-    not already on disk, each logging to its own folder. Picklable, for joblib and submitit workers."""
+    not already on disk, each logging to its own folder; an act variant the default acting already acted
+    as takes the default's evaluation. Picklable, for joblib and submitit workers."""
 
     def __init__(self, evaluations: dict[str, list[tuple[Path, dict]]], cfg: DictConfig) -> None:
         self.evaluations = evaluations  # run_dir -> [(evaluation folder, act settings)]
@@ -169,10 +185,19 @@ class Cell:
     def __call__(self, cfg: DictConfig) -> None:
         train(cfg)
         checkpoint = Path(cfg.run_dir) / "checkpoint.pt"
-        for folder, settings in self.evaluations[str(cfg.run_dir)]:
+        evaluations = self.evaluations[str(cfg.run_dir)]  # the default acting first
+        for folder, settings in evaluations:
             job = evaluation_job(checkpoint, folder, settings, self.cfg)
-            if job is not None:
+            if job is None:
+                continue
+            same = default_acts_as(evaluations[0][0], checkpoint, settings, self.cfg) if settings else None
+            if same is None:
                 Logged(evaluate_checkpoint)(compose_config(job, config_name="evaluate"))
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "log.txt", "a") as log:
+                print(f"acts exactly as the default acting did: its evaluation, {same['same_as']}", file=log)
+            atomic_write(folder / "evaluation.json", lambda f: json.dump(same, f, indent=1))
 
 
 def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
@@ -180,7 +205,10 @@ def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
     below it, how each policy that chooses its acting per checkpoint acted."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     cell = {(r["label"], r["dataset"]): r for r in rows}
-    notes = [f"- {r['label']} on {r['dataset']}: {r['acting']}" for r in rows if r.get("acting")]
+    copies = {(r["algo"], r["dataset"]): r["label"] for r in rows if r.get("same_as_default")}
+    notes = [f"- {r['label']} on {r['dataset']}: {r['acting']}" + (
+        f" (the same evaluation as {copies[r['algo'], r['dataset']]})" if (r["algo"], r["dataset"]) in copies else "")
+        for r in rows if r.get("acting")]
     lines = ["| algo | updates/s | " + " | ".join(d.name for d in datasets) + " |",
              "|---|---:|" + "---:|" * len(datasets)]
     for label in labels:
@@ -259,11 +287,11 @@ def main(cfg: DictConfig) -> None:
             "batch_size": run["batch_size"], "train_minutes": run["wall_seconds"] / 60,
             "updates_per_second": cfg.steps[algo] / run["update_seconds"], "score_mean": result["score_mean"],
             "score_se": result["score_se"], "return_mean": result["return_mean"], "episodes": cfg.episodes,
-            "acting": result.get("acting")})
+            "acting": result.get("acting"), "same_as_default": "same_as" in result})
     references = [{"dataset": d.name, "dataset_id": d.id, "label": "dataset average", "algo": None, "steps": 0,
                    "batch_size": 0, "train_minutes": 0.0, "updates_per_second": None,
                    "score_mean": dataset_average(d.id), "score_se": None, "return_mean": None, "episodes": None,
-                   "acting": None} for d in datasets]
+                   "acting": None, "same_as_default": False} for d in datasets]
     rows = references + evaluated
     table = format_table(rows, datasets)
 

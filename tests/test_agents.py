@@ -344,13 +344,15 @@ def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, cri
     best = acts(**always)
     np.testing.assert_array_equal(acts(), best)
     assert policy.rank_ratio() > 2 and policy.last_sample_log["acting"].startswith(labels[0])
+    assert policy.chosen_settings() == always  # what the suite's evaluation records as `acts_as`
     assert not np.allclose(best, fallback)
     setattr(policy, critic, StubCritic(scale=0.01, gap=5.0))  # the critics disagree more than candidates differ
     policy.updates += 1  # new weights: measured again
     np.testing.assert_array_equal(acts(), fallback)
     assert policy.rank_ratio() < 0.5 and policy.last_sample_log["acting"].startswith(labels[1])
+    np.testing.assert_array_equal(acts(**policy.chosen_settings()), fallback)
     np.testing.assert_array_equal(acts(num_candidates=1), acts(**always, num_candidates=1))  # one: its own pick
-    assert "acting" not in policy.last_sample_log
+    assert "acting" not in policy.last_sample_log and policy.chosen_settings() == {}
     if algo != "fql":  # a sweep's ODE solver samples the mode itself
         ode_mode = acts(**{**otherwise, "solver": "ode_dpmsolver++_2M"})
         acts()
@@ -612,6 +614,41 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown dataset 'hopper-mediun': neither a task" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+def test_suite_evaluates_each_acting_once(hopper_random, tmp_path):
+    """Where `selection: auto` chose one of the act variants for a checkpoint, the suite records the default's
+    evaluation as that variant's instead of running it again; evaluated on its own, the variant scores the
+    same episodes exactly. A rerun reuses all of it."""
+    from cleandiff_rl.evaluation import evaluate_checkpoint
+
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_suite.py"
+    out = tmp_path / "suite"
+    command = [sys.executable, str(script), "suite=smoke", f"datasets=[{hopper_random}]", "algos=[fql,idql]",
+               "~act_variants.idql.expectile", f"run_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for algo, variants in [("fql", ("one_action", "best_of_5", "T0")), ("idql", ("argmax", "ddim_T0"))]:
+        folder = out / "test_hopper_random-v0" / algo / "evaluations"
+        default = json.loads((folder / algo / "evaluation.json").read_text())
+        copies = [v for v in variants if "same_as" in json.loads((folder / f"{algo}_{v}_" / "evaluation.json").read_text())]
+        assert len(copies) == 1, (algo, default["acting"], copies)  # best_of_5 / argmax, or the mode
+        record = json.loads((folder / f"{algo}_{copies[0]}_" / "evaluation.json").read_text())
+        assert record["acting"] is None and record["act_settings"] == default["acts_as"] != default["act_settings"]
+        again = evaluate_checkpoint(compose_config([f"checkpoint={out / 'test_hopper_random-v0' / algo / 'checkpoint.pt'}",
+                                                    f"run_dir={tmp_path / algo}", "episodes=2", "seed=1000",
+                                                    "device=cpu", *(f"+settings.{k}={v}" for k, v in
+                                                                    record["settings"].items())],
+                                                   config_name="evaluate"))
+        assert again["returns"] == record["returns"] == default["returns"]
+        assert again["act_settings"] == record["act_settings"]
+        [row] = [r for r in rows if r["label"] == f"{algo} ({copies[0]})"]
+        assert row["same_as_default"] and row["score_mean"] == default["score_mean"]
+    done = sorted(out.glob("*/*/evaluations/*/evaluation.json"))
+    written = [path.stat().st_mtime_ns for path in done]
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    assert [path.stat().st_mtime_ns for path in done] == written
+
 
 def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch():
     """Every preset gives each algorithm a budget; the GPU preset reaches the papers' order of updates;

@@ -252,6 +252,12 @@ class Agent(nn.Module):
         acting = {key: getattr(self.config, key) for key in ACT_SETTINGS if hasattr(self.config, key)}
         return {"solver": self.solver, "steps": self.steps, **acting}
 
+    def chosen_settings(self) -> dict[str, Any]:
+        """Act settings under which `act` acts exactly as it does now, with any choice it makes per checkpoint
+        fixed (`selection: auto`: the acting it takes here); {} for a policy that makes none. An evaluation
+        records the result (`acts_as`), so the suite runs each distinct acting once."""
+        return {}
+
     @torch.no_grad()
     def act(self, obs: np.ndarray | Tensor, *, solver: str | None = None, steps: int | None = None,
             generator: torch.Generator | None = None) -> np.ndarray:

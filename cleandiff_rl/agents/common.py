@@ -123,13 +123,18 @@ def select(actions: Tensor, scores: Tensor, n: int, mode: str, temperature: floa
     return actions[torch.arange(len(idx), device=actions.device), idx]
 
 
+def mode_solver(solver: str) -> str:
+    """The ODE solver that samples a mode: `solver` itself when it is one (e.g. a sweep's), else DDIM (a
+    stochastic solver adds noise at every step)."""
+    return "ddim" if get_solver(solver).stochastic else solver
+
+
 def behavior_mode(actor: DiffusionModel, obs: Tensor, act_dim: int, *, solver: str, steps: int, use_ema: bool = True,
                   generator: torch.Generator | None = None) -> tuple[Tensor, dict, str]:
-    """The diffusion model's mode: one sample from zero noise (temperature 0) with an ODE solver, `solver`
-    itself when it is one (e.g. a sweep's), else DDIM: a stochastic solver adds noise at every step.
+    """The diffusion model's mode: one sample from zero noise (temperature 0) with `mode_solver(solver)`.
 
     Returns (actions `(b, act_dim)`, the sampler's log, the solver used)."""
-    ode = "ddim" if get_solver(solver).stochastic else solver
+    ode = mode_solver(solver)
     _, actions, log = sample_candidates(actor, obs, act_dim, 1, solver=ode, steps=steps, temperature=0.0,
                                         use_ema=use_ema, generator=generator)
     return actions, log, ode
@@ -147,7 +152,8 @@ class RankedCandidates:
     threshold was 1 until two halfcheetah medium-replay checkpoints (IDQL 0.82, FQL 0.97) acted without
     selection and lost 10.7 and 6.0 points (README).
     The agent provides `_probe_candidates(obs, solver, steps, generator) -> (score, q1, q2)`, each
-    `(b * num_candidates,)`, and its config `num_candidates`, `temperature`, `rank_threshold`.
+    `(b * num_candidates,)`, `_auto_choice(selects) -> act settings` (what `auto` acts as either way), and
+    its config `num_candidates`, `temperature`, `rank_threshold`.
     """
 
     added_state: ClassVar[tuple[str, ...]] = ("probe_obs",)
@@ -185,3 +191,11 @@ class RankedCandidates:
         NaN it selects: without probe states as the agent did before `auto`; one candidate is its own pick."""
         ratio = self.rank_ratio(solver, steps)
         return not ratio <= self.config.rank_threshold, ratio
+
+    def chosen_settings(self) -> dict[str, Any]:
+        """The act settings of the acting `selection: auto` takes for these weights (`_auto_choice`: how the
+        agent selects, or its mode); {} where it decides nothing (another selection, or one candidate)."""
+        cfg = self.config
+        if cfg.selection != "auto" or cfg.num_candidates < 2:
+            return {}
+        return self._auto_choice(self.ranks_candidates()[0])

@@ -19,6 +19,7 @@ the ratio was 1.42 on medium-replay (softmax 23.8 against the mode's 12.4) and 0
 from __future__ import annotations
 
 import copy
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from cleandiff_rl.agents.common import (
     TwinQ,
     behavior_mode,
     diffusion_actor,
+    mode_solver,
     sample_candidates,
     select,
 )
@@ -141,6 +143,12 @@ class DiffusionQL(RankedCandidates, Agent):
         target critics' Q."""
         obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
         return q, *self.critic_target(obs_rep, actions)
+
+    def _auto_choice(self, selects: bool) -> dict[str, Any]:
+        """`auto`'s acting: softmax of the candidates, or the mode (one sample from zero noise)."""
+        if selects:
+            return {"selection": "softmax"}
+        return {"solver": mode_solver(self.solver), "temperature": 0.0, "num_candidates": 1}
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config

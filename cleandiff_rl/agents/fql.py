@@ -29,6 +29,7 @@ compares.
 from __future__ import annotations
 
 import copy
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -183,6 +184,12 @@ class FQL(RankedCandidates, Agent):
         critics' Q."""
         _, q1, q2 = self.candidates(obs, self.config.num_candidates, generator)
         return (q1 + q2) / 2, q1, q2
+
+    def _auto_choice(self, selects: bool) -> dict[str, Any]:
+        """`auto`'s acting: the best of the candidates, or the mode mu(s, 0); the flow policy selects nothing."""
+        if self.config.acting == "flow":
+            return {}
+        return {"selection": "argmax"} if selects else {"temperature": 0.0, "num_candidates": 1}
 
     def _act(self, obs: Tensor, solver: str | None, steps: int | None, generator: torch.Generator | None) -> Tensor:
         cfg = self.config

@@ -28,6 +28,7 @@ Rewards are scaled by 1000 / (max - min episode return) of the dataset, as in th
 from __future__ import annotations
 
 import copy
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ from cleandiff_rl.agents.common import (
     TwinQ,
     behavior_mode,
     diffusion_actor,
+    mode_solver,
     sample_candidates,
     select,
 )
@@ -173,6 +175,12 @@ class IDQL(RankedCandidates, Agent):
         target critics' Q."""
         obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
         return q, *self.critic_target(obs_rep, actions)
+
+    def _auto_choice(self, selects: bool) -> dict[str, Any]:
+        """`auto`'s acting: argmax of the candidates, or the mode (one sample from zero noise)."""
+        if selects:
+            return {"selection": "argmax"}
+        return {"solver": mode_solver(self.solver), "temperature": 0.0, "num_candidates": 1}
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config

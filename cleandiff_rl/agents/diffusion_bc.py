@@ -15,7 +15,6 @@ from torch import Tensor
 
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import DiffusionActorConfig, diffusion_actor
-from cleandiff_rl.nn import DQLMlp
 
 
 @dataclass
@@ -31,7 +30,7 @@ class DiffusionBC(Agent):
     def __init__(self, obs_dim: int, act_dim: int, config: dict | DiffusionBCConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
         cfg = self.config
-        self.actor = diffusion_actor(cfg, DQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim), device=self.device)
+        self.actor = diffusion_actor(cfg, act_dim, obs_dim, device=self.device)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer}

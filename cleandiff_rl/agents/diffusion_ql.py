@@ -38,7 +38,6 @@ from cleandiff_rl.agents.common import (
     sample_candidates,
     select,
 )
-from cleandiff_rl.nn import DQLMlp
 from cleandiff_rl.utils import optimizer_step, soft_update
 
 
@@ -76,8 +75,7 @@ class DiffusionQL(RankedCandidates, Agent):
         super().__init__(obs_dim, act_dim, config, **kwargs)
         cfg = self.config
         clip = cfg.grad_norm or None
-        self.actor = diffusion_actor(cfg, DQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim), grad_clip_norm=clip,
-                                     device=self.device)
+        self.actor = diffusion_actor(cfg, act_dim, obs_dim, grad_clip_norm=clip, device=self.device)
         hidden = (cfg.critic_hidden,) * 3
         self.critic = TwinQ(obs_dim, act_dim, hidden, act="mish").to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)

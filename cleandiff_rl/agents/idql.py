@@ -48,7 +48,6 @@ from cleandiff_rl.agents.common import (
     sample_candidates,
     select,
 )
-from cleandiff_rl.nn import IDQLMlp
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
 
@@ -61,8 +60,7 @@ class IDQLConfig(DiffusionActorConfig):
     ema_rate: float = 0.999  # actor_tau 0.001 every step from step 0
     ema_every: int = 1
     ema_start: int = 0
-    n_blocks: int = 3
-    dropout: float = 0.1
+    backbone: str = "resnet"  # the LN-ResNet (n_blocks 3, dropout 0.1)
     expectile: float = 0.7
     discount: float = 0.99
     tau: float = 0.005
@@ -93,8 +91,7 @@ class IDQL(RankedCandidates, Agent):
     def __init__(self, obs_dim: int, act_dim: int, config: dict | IDQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
         cfg = self.config
-        backbone = IDQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim, n_blocks=cfg.n_blocks, dropout=cfg.dropout)
-        self.actor = diffusion_actor(cfg, backbone, device=self.device)
+        self.actor = diffusion_actor(cfg, act_dim, obs_dim, device=self.device)
         hidden = (cfg.critic_hidden,) * 2
         self.critic = TwinQ(obs_dim, act_dim, hidden, act="relu").to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)

@@ -72,7 +72,7 @@ def diffusion_model(cfg: DiffusionActorConfig | PlannerConfig, backbone: nn.Modu
 
 # The denoisers an action model can use (`DiffusionActorConfig.backbone`). On hopper medium-expert at the CPU
 # preset (30k updates) Diffusion BC's mode scored 58.8 with the MLP and 88.2 with the LN-ResNet (BC 80.3),
-# at about 4x the time per update (README, "Benchmark suite").
+# at 6-7x the time per update (README, "Benchmark suite").
 ACTOR_BACKBONES = {
     "mlp": lambda cfg, act_dim, obs_dim: DQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim),
     "resnet": lambda cfg, act_dim, obs_dim: IDQLMlp(act_dim, obs_dim, hidden_dim=cfg.hidden_dim,

@@ -19,8 +19,8 @@ the ratio was 1.42 on medium-replay (softmax 23.8 against the mode's 12.4) and 0
 from __future__ import annotations
 
 import copy
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F

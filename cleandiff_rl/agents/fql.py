@@ -29,8 +29,8 @@ compares.
 from __future__ import annotations
 
 import copy
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -28,8 +28,8 @@ Rewards are scaled by 1000 / (max - min episode return) of the dataset, as in th
 from __future__ import annotations
 
 import copy
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F

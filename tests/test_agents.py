@@ -710,9 +710,12 @@ def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch(
         ("mujoco_ant_expert-v0", "mujoco/ant/expert-v0", None)]
     with pytest.raises(ValueError, match="twice"):
         resolve_datasets(["hopper-medium", "cleandiff/hopper/medium-v0"])
-    rows = [{"label": "idql", "dataset": d.name, "score_mean": score, "score_se": 0.5, "updates_per_second": 10.0,
-             "acting": acting} for d, score, acting in zip(datasets[:2], (43.7, 32.0), ("mode (ratio 0.46)", None))]
+    rows = [{"label": "idql", "algo": "idql", "dataset": d.name, "score_mean": score, "score_se": 0.5,
+             "updates_per_second": 10.0, "acting": acting, "same_as_default": False}
+            for d, score, acting in zip(datasets[:2], (43.7, 32.0), ("mode (ratio 0.46)", None))]
+    rows.append({**rows[0], "label": "idql (ddim_T0)", "acting": None, "same_as_default": True})
     assert format_table(rows, datasets[:2]).splitlines() == [
         "| algo | updates/s | hopper-medium-replay | cleandiff_walker2d_medium-v0 |", "|---|---:|---:|---:|",
-        "| idql | 10.0 | 43.7 ± 0.5 | 32.0 ± 0.5 |", "", "acting chosen per checkpoint:",
-        "- idql on hopper-medium-replay: mode (ratio 0.46)"]
+        "| idql | 10.0 | 43.7 ± 0.5 | 32.0 ± 0.5 |", "| idql (ddim_T0) | 10.0 | 43.7 ± 0.5 |  |", "",
+        "acting chosen per checkpoint:",
+        "- idql on hopper-medium-replay: mode (ratio 0.46) (the same evaluation as idql (ddim_T0))"]

@@ -171,11 +171,13 @@ class RankedCandidates:
     threshold was 1 until two halfcheetah medium-replay checkpoints (IDQL 0.82, FQL 0.97) acted without
     selection and lost 10.7 and 6.0 points (README).
     The agent provides `_probe_candidates(obs, solver, steps, generator) -> (score, q1, q2)`, each
-    `(b * num_candidates,)`, `_auto_choice(selects) -> act settings` (what `auto` acts as either way), and
-    its config `num_candidates`, `temperature`, `rank_threshold`.
+    `(b * num_candidates,)`, `auto_selection` (how `auto` selects) and its config `num_candidates`,
+    `temperature`, `rank_threshold`. `_auto_choice` names the acting `auto` takes either way: as written
+    here, that of a diffusion actor (its mode: one ODE sample from zero noise, as `behavior_mode` draws it).
     """
 
     added_state: ClassVar[tuple[str, ...]] = ("probe_obs",)
+    auto_selection: ClassVar[str]  # how `selection: auto` selects where the critics rank candidates
 
     def _init_probes(self, obs_dim: int) -> None:
         # NaN until `prepare`: an agent trained by hand, or a checkpoint older than the rule, has none
@@ -218,3 +220,9 @@ class RankedCandidates:
         if cfg.selection != "auto" or cfg.num_candidates < 2:
             return {}
         return self._auto_choice(self.ranks_candidates()[0])
+
+    def _auto_choice(self, selects: bool) -> dict[str, Any]:
+        """The act settings `auto` acts as: `auto_selection` of the candidates, or the actor's mode."""
+        if selects:
+            return {"selection": self.auto_selection}
+        return {"solver": mode_solver(self.solver), "temperature": 0.0, "num_candidates": 1}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,6 @@ from cleandiff_rl.agents.common import (
     TwinQ,
     behavior_mode,
     diffusion_actor,
-    mode_solver,
     sample_candidates,
     select,
 )
@@ -70,6 +68,7 @@ class DiffusionQL(RankedCandidates, Agent):
     name = "dql"
     Config = DiffusionQLConfig
     ema_models = ("actor",)
+    auto_selection = "softmax"  # the paper's
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | DiffusionQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -142,12 +141,6 @@ class DiffusionQL(RankedCandidates, Agent):
         obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
         return q, *self.critic_target(obs_rep, actions)
 
-    def _auto_choice(self, selects: bool) -> dict[str, Any]:
-        """`auto`'s acting: softmax of the candidates, or the mode (one sample from zero noise)."""
-        if selects:
-            return {"selection": "softmax"}
-        return {"solver": mode_solver(self.solver), "temperature": 0.0, "num_candidates": 1}
-
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
         decide = cfg.selection == "auto" and cfg.num_candidates > 1  # one candidate is its own pick
@@ -161,5 +154,5 @@ class DiffusionQL(RankedCandidates, Agent):
         _, actions, q = self.candidates(obs, solver, steps, generator)
         if decide:
             self.last_sample_log["acting"] = f"softmax Q of {cfg.num_candidates} (rank ratio {ratio:.2f})"
-        selection = "softmax" if cfg.selection == "auto" else cfg.selection
+        selection = self.auto_selection if cfg.selection == "auto" else cfg.selection
         return select(actions, q, cfg.num_candidates, selection, cfg.selection_temperature, generator)

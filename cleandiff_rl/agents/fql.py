@@ -85,6 +85,7 @@ class FQL(RankedCandidates, Agent):
     name = "fql"
     Config = FQLConfig
     ema_models = ("flow",)
+    auto_selection = "argmax"  # the best of N by mean Q
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | FQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -189,7 +190,7 @@ class FQL(RankedCandidates, Agent):
         """`auto`'s acting: the best of the candidates, or the mode mu(s, 0); the flow policy selects nothing."""
         if self.config.acting == "flow":
             return {}
-        return {"selection": "argmax"} if selects else {"temperature": 0.0, "num_candidates": 1}
+        return {"selection": self.auto_selection} if selects else {"temperature": 0.0, "num_candidates": 1}
 
     def _act(self, obs: Tensor, solver: str | None, steps: int | None, generator: torch.Generator | None) -> Tensor:
         cfg = self.config

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,6 @@ from cleandiff_rl.agents.common import (
     TwinQ,
     behavior_mode,
     diffusion_actor,
-    mode_solver,
     sample_candidates,
     select,
 )
@@ -87,6 +85,7 @@ class IDQL(RankedCandidates, Agent):
     name = "idql"
     Config = IDQLConfig
     ema_models = ("actor",)
+    auto_selection = "argmax"  # the released code's evaluation
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | IDQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -173,12 +172,6 @@ class IDQL(RankedCandidates, Agent):
         obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
         return q, *self.critic_target(obs_rep, actions)
 
-    def _auto_choice(self, selects: bool) -> dict[str, Any]:
-        """`auto`'s acting: argmax of the candidates, or the mode (one sample from zero noise)."""
-        if selects:
-            return {"selection": "argmax"}
-        return {"solver": mode_solver(self.solver), "temperature": 0.0, "num_candidates": 1}
-
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
         decide = cfg.selection == "auto" and cfg.num_candidates > 1  # one candidate is its own pick
@@ -196,5 +189,5 @@ class IDQL(RankedCandidates, Agent):
             scores = expectile_weights(q - self.value(obs_rep).squeeze(-1), cfg.expectile)
         else:
             scores = q
-        selection = "argmax" if cfg.selection == "auto" else cfg.selection
+        selection = self.auto_selection if cfg.selection == "auto" else cfg.selection
         return select(actions, scores, cfg.num_candidates, selection, cfg.selection_temperature, generator)

@@ -142,34 +142,38 @@ def timing(checkpoint: Path) -> dict:
             "batch_size": state["run_config"]["batch_size"]}
 
 
-def evaluation_job(checkpoint: Path, folder: Path, settings: dict, cfg: DictConfig) -> list[str] | None:
-    """evaluate.py's overrides for one checkpoint and act variant; None when `folder` already holds that
-    evaluation of this checkpoint (same episodes, seeds and settings, written after the checkpoint), acting
-    as the policy acts now with them (not if a default changed since)."""
+def fresh_record(folder: Path, checkpoint: Path, cfg: DictConfig) -> dict | None:
+    """The evaluation in `folder` when it was written after `checkpoint` on the suite's episodes and seeds."""
     done = folder / "evaluation.json"
-    if done.is_file() and done.stat().st_mtime > checkpoint.stat().st_mtime:
-        record = json.loads(done.read_text())
-        if (record["episodes"], record.get("seed"), record["settings"]) == (cfg.episodes, cfg.seed + 1000, settings):
-            if record.get("act_settings") == Agent.load(checkpoint, "cpu").with_settings(settings).act_settings():
-                return None
+    if not done.is_file() or done.stat().st_mtime <= checkpoint.stat().st_mtime:
+        return None
+    record = json.loads(done.read_text())
+    return record if (record["episodes"], record.get("seed")) == (cfg.episodes, cfg.seed + 1000) else None
+
+
+def evaluation_job(checkpoint: Path, folder: Path, settings: dict, act_settings: dict,
+                   cfg: DictConfig) -> list[str] | None:
+    """evaluate.py's overrides for one checkpoint and act variant; None when `folder` already holds that
+    evaluation of this checkpoint (`fresh_record`, same settings), acting as the policy acts now with them
+    (`act_settings`; not if a default changed since)."""
+    record = fresh_record(folder, checkpoint, cfg)
+    if record is not None and (record["settings"], record.get("act_settings")) == (settings, act_settings):
+        return None
     return [override("checkpoint", checkpoint), override("run_dir", folder), f"episodes={cfg.episodes}",
             f"seed={cfg.seed + 1000}", f"device={cfg.device}",
             *(override(f"+settings.{key}", value) for key, value in settings.items())]
 
 
-def default_acts_as(default: Path, checkpoint: Path, settings: dict, cfg: DictConfig) -> dict | None:
+def default_acts_as(default: Path, checkpoint: Path, settings: dict, act_settings: dict,
+                    cfg: DictConfig) -> dict | None:
     """The default acting's evaluation (in folder `default`) recorded as the act variant `settings`, when the
-    default acted exactly as that variant acts (its `acts_as`: e.g. IDQL's `selection: auto` chose argmax
-    here); else None. So each distinct acting of a checkpoint is evaluated once."""
-    done = default / "evaluation.json"
-    if not done.is_file() or done.stat().st_mtime <= checkpoint.stat().st_mtime:
+    default acted exactly as that variant acts (its `acts_as` equals the variant's `act_settings`: e.g. IDQL's
+    `selection: auto` chose argmax here); else None. So each distinct acting of a checkpoint is evaluated once."""
+    record = fresh_record(default, checkpoint, cfg)
+    if record is None or record.get("acts_as") != act_settings:
         return None
-    record = json.loads(done.read_text())
-    act_settings = Agent.load(checkpoint, "cpu").with_settings(settings).act_settings()
-    if (record["episodes"], record.get("seed"), record.get("acts_as")) != (cfg.episodes, cfg.seed + 1000,
-                                                                          act_settings):
-        return None
-    return {**record, "settings": settings, "act_settings": act_settings, "acting": None, "same_as": str(done)}
+    return {**record, "settings": settings, "act_settings": act_settings, "acting": None,
+            "same_as": str(default / "evaluation.json")}
 
 
 class Cell:
@@ -187,11 +191,12 @@ class Cell:
         checkpoint = Path(cfg.run_dir) / "checkpoint.pt"
         evaluations = self.evaluations[str(cfg.run_dir)]  # the default acting first
         for folder, settings in evaluations:
-            job = evaluation_job(checkpoint, folder, settings, self.cfg)
+            act_settings = Agent.load(checkpoint, "cpu").with_settings(settings).act_settings()
+            job = evaluation_job(checkpoint, folder, settings, act_settings, self.cfg)
             if job is None:
                 continue
-            same = default_acts_as(evaluations[0][0], checkpoint, settings, self.cfg) if settings else None
-            if same is None:
+            same = settings and default_acts_as(evaluations[0][0], checkpoint, settings, act_settings, self.cfg)
+            if not same:
                 Logged(evaluate_checkpoint)(compose_config(job, config_name="evaluate"))
                 continue
             folder.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ PROBE_STATES = 256  # dataset states the rank ratio is measured on
 # `selection: auto` selects above this rank ratio. Over eleven CPU-preset checkpoints (README, "Acting
 # chosen per checkpoint") the critic-free acting won at ratios 0.45-0.71 and selection at 0.82-1.76; on a
 # held-out walker2d medium-replay (0.82-0.89) it chose right for IDQL and FQL and tied for Diffusion-QL.
+# On a third hopper medium-expert build Diffusion-QL's 0.95 selected and lost 17 points to its mode: the
+# first clear miss; a higher threshold would have lost the medium-replay gains at 0.82-0.89.
 RANK_THRESHOLD = 0.75
 
 

@@ -23,8 +23,8 @@ PROBE_STATES = 256  # dataset states the rank ratio is measured on
 # `selection: auto` selects above this rank ratio. Over eleven CPU-preset checkpoints (README, "Acting
 # chosen per checkpoint") the critic-free acting won at ratios 0.45-0.71 and selection at 0.82-1.76; on a
 # held-out walker2d medium-replay (0.82-0.89) it chose right for IDQL and FQL and tied for Diffusion-QL.
-# On a third hopper medium-expert build Diffusion-QL's 0.95 selected and lost 17 points to its mode: the
-# first clear miss; a higher threshold would have lost the medium-replay gains at 0.82-0.89.
+# On a third hopper medium-expert build it chose wrong both ways (Diffusion-QL at 0.95 selected and lost 17
+# to its mode; IDQL at 0.45 took its mode and lost 33 to argmax): no threshold fits both.
 RANK_THRESHOLD = 0.75
 
 

@@ -193,11 +193,14 @@ def test_sac_fast_paths_change_no_numbers(tmp_path):
     for enabled in (True, False):
         with fast_paths(enabled):
             runs[enabled] = sac_module.train_sac("Hopper-v5", cfg, tmp_path / str(enabled), seed=3, device="cpu")
-    np.testing.assert_allclose(runs[True]["replay"]["act"], runs[False]["replay"]["act"], atol=1e-5)
+    # Fused and unfused Adam round differently, and the difference grows through the data each policy
+    # collects: up to 1.4e-4 in actions and 1.4e-5 in weights after 80 updates on one machine, 1e-5 on
+    # another. One Adam step moves a weight by about lr (3e-4), so a wrong update still fails these bounds.
+    np.testing.assert_allclose(runs[True]["replay"]["act"], runs[False]["replay"]["act"], atol=1e-3)
     fast, slow = (load_checkpoint(tmp_path / str(e) / "checkpoints" / "sac_last.pt") for e in (True, False))
     for net in ("actor", "qf1", "qf2_target"):
         for key, value in fast[net].items():
-            torch.testing.assert_close(value, slow[net][key], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(value, slow[net][key], rtol=1e-3, atol=1e-4)
     assert not torch.equal(fast["qf1"]["net.0.weight"], fast["qf1_target"]["net.0.weight"])  # the updates ran
 
 

@@ -172,8 +172,9 @@ class RankedCandidates:
     critics' own uncertainty. Above `rank_threshold` (`RANK_THRESHOLD`, 0.75) the agent selects; the
     threshold was 1 until two halfcheetah medium-replay checkpoints (IDQL 0.82, FQL 0.97) acted without
     selection and lost 10.7 and 6.0 points (README).
-    The agent provides `_probe_candidates(obs, solver, steps, generator) -> (score, q1, q2)`, each
-    `(b * num_candidates,)`, `auto_selection` (how `auto` selects) and its config `num_candidates`,
+    The agent provides `candidates(obs, solver, steps, generator) -> (obs repeated, actions, min Q)` and
+    `critic_target` (or its own `_probe_candidates(obs, solver, steps, generator) -> (score, q1, q2)`, each
+    `(b * num_candidates,)`), `auto_selection` (how `auto` selects) and its config `num_candidates`,
     `temperature`, `rank_threshold`. `_auto_choice` names the acting `auto` takes either way: as written
     here, that of a diffusion actor (its mode: one ODE sample from zero noise, as `behavior_mode` draws it).
     """
@@ -208,6 +209,13 @@ class RankedCandidates:
             spread = score.view(-1, cfg.num_candidates).std(-1).mean()
             self._rank_cache = (key, float(spread / (q1 - q2).abs().mean().clamp_min(1e-8)))
         return self._rank_cache[1]
+
+    def _probe_candidates(self, obs: Tensor, solver: str, steps: int,
+                          generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """`rank_ratio`'s candidates, drawn as acting draws them: the selection score (the target critics'
+        min Q, as `candidates` rates them) and both target critics' Q."""
+        obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
+        return q, *self.critic_target(obs_rep, actions)
 
     def ranks_candidates(self, solver: str | None = None, steps: int | None = None) -> tuple[bool, float]:
         """(whether `selection: auto` selects among the candidates here, the rank ratio). Where the ratio is

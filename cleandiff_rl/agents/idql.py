@@ -165,13 +165,6 @@ class IDQL(RankedCandidates, Agent):
             generator=generator)
         return obs_rep, actions, self.critic_target.q_min(obs_rep, actions)
 
-    def _probe_candidates(self, obs: Tensor, solver: str, steps: int,
-                          generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """`rank_ratio`'s candidates, drawn as acting draws them: the selection score (min Q) and both
-        target critics' Q."""
-        obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
-        return q, *self.critic_target(obs_rep, actions)
-
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
         decide = cfg.selection == "auto" and cfg.num_candidates > 1  # one candidate is its own pick

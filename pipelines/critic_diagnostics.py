@@ -1,4 +1,4 @@
-"""Three checks of a Diffusion-QL or IDQL critic.
+"""Three checks of a Diffusion-QL, IDQL or FQL critic (the Q by which the policy ranks its candidates).
 
 1. Values: Q(s, a) of dataset actions against the Monte-Carlo discounted return of the behavior
    policy from there (IQL's expectile and DQL's max push Q above it, but they should correlate).
@@ -21,24 +21,41 @@ from omegaconf import DictConfig
 from cleandiff_rl.agents import load_policy
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.diffusion_ql import DiffusionQL
+from cleandiff_rl.agents.fql import FQL
 from cleandiff_rl.agents.idql import IDQL
 from cleandiff_rl.data import discounted_returns, read_episodes
 from cleandiff_rl.utils.cli import user_errors
 
 
-def candidate_q(policy: DiffusionQL | IDQL, obs: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+CriticPolicy = DiffusionQL | IDQL | FQL
+
+
+def critic_q(policy: CriticPolicy, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Q by which the policy ranks candidates: the target critics' min (Diffusion-QL, IDQL) or the critics' mean
+    (FQL), on normalized observations and actions."""
+    if isinstance(policy, FQL):
+        q1, q2 = policy.critic(obs, action)
+        return (q1 + q2) / 2
+    return policy.critic_target.q_min(obs, action)
+
+
+def candidate_q(policy: CriticPolicy, obs: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The act-time candidates at raw observations `obs` (the policy's own `candidates`, at its solver, steps
     and temperature): Q `(states, n)` and env actions `(states, n, act_dim)`."""
     n = policy.config.num_candidates
+    generator = torch.Generator(policy.device).manual_seed(seed)
     with torch.no_grad():
         obs_t = policy.obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=policy.device))
-        _, candidates, q = policy.candidates(obs_t, policy.solver, policy.steps,
-                                             torch.Generator(policy.device).manual_seed(seed))
+        if isinstance(policy, FQL):  # its one-step actor's candidates (scored here: it scores none when n = 1)
+            candidates, _, _ = policy.candidates(obs_t, n, generator)
+            q = critic_q(policy, obs_t.repeat_interleave(n, 0), candidates)
+        else:
+            _, candidates, q = policy.candidates(obs_t, policy.solver, policy.steps, generator)
     actions = policy.unnormalize_action(candidates).cpu().numpy().reshape(-1, n, policy.act_dim)
     return q.view(-1, n).cpu().numpy(), actions
 
 
-def rollout_returns(policy: DiffusionQL | IDQL, follow: Agent, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+def rollout_returns(policy: CriticPolicy, follow: Agent, cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
     """Q of each candidate at `rollout_states` states of the policy's own episodes, and the discounted
     return of taking that candidate once, then `follow`'s actions for `rollout_steps - 1` steps."""
     env = gym.make(policy.env_id).unwrapped  # MuJoCo: set_state restores a visited state exactly
@@ -78,8 +95,8 @@ def rollout_returns(policy: DiffusionQL | IDQL, follow: Agent, cfg: DictConfig) 
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.checkpoint, cfg.device, threads=None)
-    if not isinstance(policy, (DiffusionQL, IDQL)):
-        raise ValueError(f"{cfg.checkpoint} holds a {policy.name!r} policy, which has no critic (dql or idql)")
+    if not isinstance(policy, (DiffusionQL, IDQL, FQL)):
+        raise ValueError(f"{cfg.checkpoint} holds a {policy.name!r} policy, which has no critic (dql, idql or fql)")
     episodes = read_episodes(policy.dataset_id)
     reward_scale = float(getattr(policy, "reward_scale", 1.0))  # IDQL's critic learns scaled rewards
     returns = discounted_returns(episodes.rew * reward_scale, episodes.starts, episodes.lengths,
@@ -88,7 +105,7 @@ def main(cfg: DictConfig) -> None:
     obs = policy.obs_normalizer.normalize(torch.as_tensor(episodes.obs[rows], device=policy.device))
     act = policy.normalize_action(torch.as_tensor(episodes.act[rows], device=policy.device))
     with torch.no_grad():
-        q_data = policy.critic_target.q_min(obs, act).cpu().numpy()
+        q_data = critic_q(policy, obs, act).cpu().numpy()
     q_cand, _ = candidate_q(policy, episodes.obs[rows[:cfg.states]], cfg.seed)
     n = q_cand.shape[1]
     mc = returns[rows]

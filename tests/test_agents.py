@@ -527,7 +527,7 @@ def test_cpu_fast_paths_leave_losses_weights_and_actions_unchanged(algo):
 
 
 def test_critic_diagnostics_pipeline(hopper_random, tmp_path):
-    """critic_diagnostics runs on a Q-learning checkpoint and refuses a policy without a critic."""
+    """critic_diagnostics runs on each Q-learning checkpoint and refuses a policy without a critic."""
     import os
     import subprocess
     import sys
@@ -535,17 +535,18 @@ def test_critic_diagnostics_pipeline(hopper_random, tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "pipelines" / "critic_diagnostics.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for algo in ("dql", "bc"):
+    for algo in ("dql", "fql", "bc"):
         path = train(train_config(algo, hopper_random, tmp_path / algo, steps=4))
         run = subprocess.run([sys.executable, str(script), f"checkpoint={path}", "transitions=200", "states=20", "rollout_states=3",
                               "rollout_every=2", "rollout_steps=4", "device=cpu"],
                              env=env, capture_output=True, text=True)
-        if algo == "dql":
-            assert run.returncode == 0, run.stderr
-            assert "correlation(Q, MC return)" in run.stdout and "Q over 4 candidates" in run.stdout
-            assert "rollouts: 3 states x 4 candidates, then dql for 3 steps" in run.stdout
-        else:
+        if algo == "bc":
             assert run.returncode != 0 and "has no critic" in run.stderr
+            continue
+        assert run.returncode == 0, run.stderr
+        n = 4 if algo == "dql" else 5
+        assert "correlation(Q, MC return)" in run.stdout and f"Q over {n} candidates" in run.stdout
+        assert f"rollouts: 3 states x {n} candidates, then {algo} for 3 steps" in run.stdout
 
 
 @pytest.mark.parametrize("algo", [name for name in ALGORITHMS if name != "bc"])

@@ -1,6 +1,6 @@
-"""Every pipeline command the README and the configs document is accepted as written: its overrides
+"""Every pipeline command the README, docs/ and the configs document is accepted as written: its overrides
 compose against the pipeline's config (what `--cfg job` checks; a multirun's first job), without running
-the job."""
+the job. Every link between those pages reaches a file and, where it names one, a heading."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from cleandiff_rl.training import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = re.compile(r"python pipelines/(\w+)\.py([^\n`#|]*)")
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+LINK = re.compile(r"\]\((?!https?://)([^)#\s]*)(?:#([^)\s]+))?\)")
 
 
 def documented_commands() -> list[tuple[str, str, list[str]]]:
-    """(where, script, overrides) for each `python pipelines/<script>.py ...` in README.md and configs/."""
+    """(where, script, overrides) for each `python pipelines/<script>.py ...` in README.md, docs/ and configs/."""
     found = []
-    for path in [REPO / "README.md", *sorted((REPO / "configs").rglob("*.yaml"))]:
+    for path in [*PAGES, *sorted((REPO / "configs").rglob("*.yaml"))]:
         text = path.read_text().replace("\\\n", " ")
         for match in COMMAND.finditer(text):
             found.append((f"{path.relative_to(REPO)}: {match.group(0).strip()}", match.group(1),
@@ -52,3 +54,18 @@ def config_name(script: str) -> str:
 def test_documented_command_composes(where: str, script: str, overrides: list[str]):
     assert (REPO / "pipelines" / f"{script}.py").is_file(), where
     compose_config(first_job(overrides), config_name=config_name(script))
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a Markdown page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
+def test_links_between_pages_resolve(page: Path):
+    for target, anchor in LINK.findall(page.read_text()):
+        linked = (page.parent / target).resolve() if target else page
+        assert linked.exists(), f"{page.name}: link to missing {target}"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors(linked), f"{page.name}: no heading #{anchor} in {linked.name}"

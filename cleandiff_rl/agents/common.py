@@ -27,7 +27,7 @@ PROBE_STATES = 256  # dataset states the rank ratio is measured on
 # to its mode; IDQL at 0.45 took its mode and lost 33 to argmax): no threshold fits both. Session 17 added
 # two more misses (IDQL 0.56 on halfcheetah medium-expert, 8 below argmax; FQL 1.19 on that hopper build, 7
 # below its mode). Scored against issue 14's targets over every measured checkpoint, this rule still keeps each
-# miss within a few points, where always selecting loses 33-43 on some medium-expert build (README, session 17).
+# miss within a few points, where always selecting loses 33-43 on some medium-expert build (docs/measurements.md, session 17).
 RANK_THRESHOLD = 0.75
 
 
@@ -174,7 +174,7 @@ class RankedCandidates:
     mean disagreement |Q1 - Q2| on the same candidates: how far the selection's signal stands above the
     critics' own uncertainty. Above `rank_threshold` (`RANK_THRESHOLD`, 0.75) the agent selects; the
     threshold was 1 until two halfcheetah medium-replay checkpoints (IDQL 0.82, FQL 0.97) acted without
-    selection and lost 10.7 and 6.0 points (README).
+    selection and lost 10.7 and 6.0 points (docs/measurements.md, session 14).
     The agent provides `candidates(obs, solver, steps, generator) -> (obs repeated, actions, min Q)` and
     `critic_target` (or its own `_probe_candidates(obs, solver, steps, generator) -> (score, q1, q2)`, each
     `(b * num_candidates,)`), `auto_selection` (how `auto` selects) and its config `num_candidates`,

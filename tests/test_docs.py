@@ -57,8 +57,10 @@ def test_documented_command_composes(where: str, script: str, overrides: list[st
 
 
 def anchors(page: Path) -> set[str]:
-    """GitHub's anchors of a Markdown page's headings: lower case, punctuation dropped, spaces to hyphens."""
-    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
+    """GitHub's anchors of a Markdown page's headings: lower case, punctuation dropped, spaces to hyphens.
+    A `#` line inside a fenced code block is a shell comment, not a heading."""
+    prose = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    headings = re.findall(r"^#+ (.+)$", prose, flags=re.M)
     return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
 
 

@@ -356,8 +356,8 @@ def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, cri
     """`selection: auto` (the default of IDQL, Diffusion-QL and FQL) measures once per weights how far a
     state's candidates' Q values spread against the twin critics' disagreement, on dataset states fixed
     before training: above 1 it selects among the candidates as `always` does, else it acts as `otherwise`
-    (the actor's mode: one ODE sample from zero noise; FQL's mu(s, 0)). An older checkpoint without those
-    states selects."""
+    (the actor's mode: one ODE sample from zero noise; FQL's mu(s, 0)). `selection: mode` acts so always.
+    An older checkpoint without those states selects."""
     path = train(train_config(algo, hopper_random, tmp_path, steps=4))
     policy = load_policy(str(path), "cpu").with_settings({"num_candidates": 4})
     assert policy.config.selection == "auto" and not policy.probe_obs.isnan().any()
@@ -377,6 +377,10 @@ def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, cri
     assert policy.rank_ratio() > 2 and policy.last_sample_log["acting"].startswith(labels[0])
     assert policy.chosen_settings() == always  # what the suite's evaluation records as `acts_as`
     assert not np.allclose(best, fallback)
+    np.testing.assert_array_equal(acts(selection="mode"), fallback)  # the medium-expert tasks': never selects
+    assert policy.last_sample_log["acting"].startswith(labels[1])
+    assert policy.last_sample_log["acting"].endswith("selection: mode)")
+    assert policy.chosen_settings() == {key: value for key, value in otherwise.items() if key != "selection"}
     setattr(policy, critic, StubCritic(scale=0.01, gap=5.0))  # the critics disagree more than candidates differ
     policy.updates += 1  # new weights: measured again
     np.testing.assert_array_equal(acts(), fallback)

@@ -51,6 +51,20 @@ def test_a_train_run_is_named_after_its_dataset():
         "runs/train/bc/mujoco_hopper_expert-v0-seed0"
 
 
+def test_medium_expert_tasks_act_at_the_mode_and_soften_diffusion_qls_q_term():
+    """Per-task acting and eta (docs/measurements.md, session 20): on medium-expert the three critic-selecting
+    policies act at their actor's mode and Diffusion-QL's Q term weighs 0.25, elsewhere `auto` and the paper's 1."""
+    for env in ("hopper", "halfcheetah", "walker2d"):
+        for level, selection, eta in (("medium", "auto", 1.0), ("medium-replay", "auto", 1.0),
+                                      ("medium-expert", "mode", 0.25)):
+            for algo in ("dql", "idql", "fql"):
+                cfg = compose_config([f"algo={algo}", f"task={env}-{level}"])
+                assert cfg.algo.params.selection == selection
+                if algo == "dql":
+                    assert cfg.algo.params.eta == eta
+    assert compose_config(["algo=idql", "task=hopper-medium-expert", "algo.params.selection=argmax"]).algo.params.selection == "argmax"
+
+
 def test_evaluate_and_sweep_folders_are_named_after_the_run():
     for script in ("evaluate", "sweep"):
         dql = compose_config(["checkpoint=runs/train/dql/hopper-medium-seed0/checkpoint.pt"], config_name=script)

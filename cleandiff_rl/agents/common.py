@@ -166,7 +166,7 @@ def behavior_mode(actor: DiffusionModel, obs: Tensor, act_dim: int, *, solver: s
 
 class RankedCandidates:
     """Mixin for agents that pick one of `num_candidates` actions by their twin critics, and with
-    `selection: auto` only where those critics can rank a state's candidates.
+    `selection: auto` only where those critics can rank a state's candidates (`selection: mode`: never).
 
     `rank_ratio` measures that once per set of weights on `PROBE_STATES` dataset states fixed before
     training (`probe_obs`, drawn in `prepare` with a fixed seed, kept in the checkpoint): the mean
@@ -226,13 +226,23 @@ class RankedCandidates:
         ratio = self.rank_ratio(solver, steps)
         return not ratio <= self.config.rank_threshold, ratio
 
-    def chosen_settings(self) -> dict[str, Any]:
-        """The act settings of the acting `selection: auto` takes for these weights (`_auto_choice`: how the
-        agent selects, or its mode); {} where it decides nothing (another selection, or one candidate)."""
+    def acts_at_mode(self, solver: str | None = None, steps: int | None = None) -> tuple[bool, str]:
+        """(whether acting takes the actor's mode instead of selecting among candidates, why, for the
+        `acting` log): always with `selection: mode`; with `auto` where the critics cannot rank a state's
+        candidates (the rank ratio); never with another selection or one candidate (why: "")."""
         cfg = self.config
+        if cfg.selection == "mode":
+            return True, "selection: mode"
         if cfg.selection != "auto" or cfg.num_candidates < 2:
-            return {}
-        return self._auto_choice(self.ranks_candidates()[0])
+            return False, ""
+        ranks, ratio = self.ranks_candidates(solver, steps)
+        return not ranks, f"rank ratio {ratio:.2f}"
+
+    def chosen_settings(self) -> dict[str, Any]:
+        """The act settings of the acting `selection: auto` or `mode` takes for these weights (`_auto_choice`:
+        how the agent selects, or its mode); {} where it decides nothing (another selection, or one candidate)."""
+        at_mode, why = self.acts_at_mode()
+        return self._auto_choice(not at_mode) if why else {}
 
     def _auto_choice(self, selects: bool) -> dict[str, Any]:
         """The act settings `auto` acts as: `auto_selection` of the candidates, or the actor's mode."""

@@ -13,7 +13,8 @@ original's). This project's `selection: auto` (the default) does so only where t
 state's candidates (`rank_ratio` > 0.75 with the target critics' min Q as the score, agents/common.py
 `RankedCandidates`), and acts at the actor's mode (one ODE sample at temperature 0) elsewhere. On hopper
 the ratio was 1.42 on medium-replay (softmax 23.8 against the mode's 12.4) and 0.71 on medium-expert
-(softmax 40.6, mode 45.7).
+(softmax 40.6, mode 45.7). `selection: mode` always acts at the mode: the medium-expert tasks' default
+(configs/task), with eta 0.25 there, where the critics' rank ratio did not tell when selecting pays.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class DiffusionQLConfig(DiffusionActorConfig):
     critic_lr: float = 3e-4
     critic_hidden: int = 256
     num_candidates: int = 50  # actions sampled per state when acting
-    selection: str = "auto"  # softmax where the critics rank candidates, else the mode; softmax (the original) | argmax
+    selection: str = "auto"  # softmax where the critics rank candidates, else the mode; mode | softmax (the original) | argmax
     selection_temperature: float = 1.0
     rank_threshold: float = RANK_THRESHOLD  # auto: select among candidates when `rank_ratio` exceeds this
     act_with_ema: bool = True  # the original acts with the online actor; the EMA one is steadier
@@ -83,8 +84,8 @@ class DiffusionQL(RankedCandidates, Agent):
 
     @classmethod
     def check_config(cls, cfg: DiffusionQLConfig) -> None:
-        if cfg.selection not in ("auto", "softmax", "argmax"):
-            raise ValueError(f"Diffusion-QL selects candidates by 'auto', 'softmax' or 'argmax', got {cfg.selection!r}")
+        if cfg.selection not in ("auto", "mode", "softmax", "argmax"):
+            raise ValueError(f"Diffusion-QL acts by 'auto', 'mode', 'softmax' or 'argmax', got {cfg.selection!r}")
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer, "critic": self.critic_optimizer}
@@ -136,16 +137,14 @@ class DiffusionQL(RankedCandidates, Agent):
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
-        decide = cfg.selection == "auto" and cfg.num_candidates > 1  # one candidate is its own pick
-        if decide:
-            ranks, ratio = self.ranks_candidates(solver, steps)
-            if not ranks:
-                mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
-                                               use_ema=cfg.act_with_ema, generator=generator)
-                self.last_sample_log = {**log, "acting": f"actor's mode ({ode}, T=0; rank ratio {ratio:.2f})"}
-                return mode
+        at_mode, why = self.acts_at_mode(solver, steps)
+        if at_mode:
+            mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
+                                           use_ema=cfg.act_with_ema, generator=generator)
+            self.last_sample_log = {**log, "acting": f"actor's mode ({ode}, T=0; {why})"}
+            return mode
         _, actions, q = self.candidates(obs, solver, steps, generator)
-        if decide:
-            self.last_sample_log["acting"] = f"softmax Q of {cfg.num_candidates} (rank ratio {ratio:.2f})"
+        if why:
+            self.last_sample_log["acting"] = f"softmax Q of {cfg.num_candidates} ({why})"
         selection = self.auto_selection if cfg.selection == "auto" else cfg.selection
         return select(actions, q, cfg.num_candidates, selection, cfg.selection_temperature, generator)

@@ -21,7 +21,8 @@ candidates (`rank_ratio` > 0.75, agents/common.py `RankedCandidates`); elsewhere
 actor's mode, as IDQL and Diffusion-QL act at their actor's mode there. On hopper medium-replay (ratio
 1.76) best of 5 scored 24.3 against one action's 17.4; on medium-expert (ratio 0.65) mu(s, 0) scored
 78.2, one action at temperature 1 60.7 and best of 5 35.5.
-`selection: argmax` always takes the best of N; `num_candidates: 1` is the paper's acting.
+`selection: argmax` always takes the best of N, `mode` always mu(s, 0) (the medium-expert tasks' default,
+configs/task); `num_candidates: 1` is the paper's acting.
 `acting: flow` samples the BC flow policy instead, with any solver and steps (no critic): what a sweep
 compares.
 """
@@ -50,7 +51,7 @@ from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
 
 ACTING = ("onestep", "flow")
-SELECTIONS = ("auto", "argmax")
+SELECTIONS = ("auto", "mode", "argmax")
 
 
 @dataclass
@@ -77,7 +78,7 @@ class FQLConfig(DiffusionActorConfig):
     critic_lr: float = 3e-4
     acting: str = "onestep"  # onestep (the paper's) or flow (the BC flow policy, any solver and steps)
     num_candidates: int = 5  # onestep acting: N actions mu(s, z), the one with the highest Q (1: the paper's)
-    selection: str = "auto"  # best of N where the critics rank candidates, else one action; argmax: always best of N
+    selection: str = "auto"  # best of N where the critics rank candidates, else the mode; mode | argmax (always best of N)
     rank_threshold: float = RANK_THRESHOLD  # auto: best of N when `rank_ratio` exceeds this
 
 
@@ -200,12 +201,11 @@ class FQL(RankedCandidates, Agent):
                                                             temperature=cfg.temperature, generator=generator)
             return action.clamp(-1.0, 1.0)
         n, temperature, acting = cfg.num_candidates, None, None
-        if cfg.selection == "auto" and n > 1:
-            ranks, ratio = self.ranks_candidates()
-            if ranks:
-                acting = f"best of {n} by Q (rank ratio {ratio:.2f})"
-            else:  # the actor's mode
-                n, temperature, acting = 1, 0.0, f"mode mu(s, 0) (rank ratio {ratio:.2f})"
+        at_mode, why = self.acts_at_mode()
+        if at_mode:
+            n, temperature, acting = 1, 0.0, f"mode mu(s, 0) ({why})"
+        elif why:
+            acting = f"best of {n} by Q ({why})"
         actions, q1, q2 = self.candidates(obs, n, generator, temperature)
         self.last_sample_log = {"nfe": 1, "classifier_calls": 0, "cfg_batched": False}  # per candidate
         if acting:

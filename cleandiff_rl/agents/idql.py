@@ -19,7 +19,8 @@ critics' min Q as the score.
   a stochastic one), the behavior model's mode. Where the critic's
   ranking of a state's actions is noise (hopper medium and medium-expert: ratio 0.46 and 0.45,
   medium-replay 1.47), argmax lost 6 and 32 points to the mode (README).
-An agent without probe states (`prepare` never ran) acts by argmax.
+An agent without probe states (`prepare` never ran) acts by argmax. `selection: mode` always acts at the
+mode (the medium-expert tasks' default, configs/task).
 `selection: expectile` resamples with the expectile weights (the paper's; see `expectile_weights`);
 `argmax` and `softmax` always select among the candidates.
 Rewards are scaled by 1000 / (max - min episode return) of the dataset, as in the original.
@@ -67,7 +68,7 @@ class IDQLConfig(DiffusionActorConfig):
     critic_updates: int = 1  # value + critic updates per behavior-model update, each on its own batch
     scale_rewards: bool = True  # r * 1000 / (max - min episode return)
     num_candidates: int = 64
-    selection: str = "auto"  # argmax where the critic ranks candidates, else the mode; argmax | expectile | softmax
+    selection: str = "auto"  # argmax where the critic ranks candidates, else the mode; mode | argmax | expectile | softmax
     selection_temperature: float = 1.0  # used by softmax only
     rank_threshold: float = RANK_THRESHOLD  # auto: argmax when `rank_ratio` exceeds this
 
@@ -102,8 +103,8 @@ class IDQL(RankedCandidates, Agent):
 
     @classmethod
     def check_config(cls, cfg: IDQLConfig) -> None:
-        if cfg.selection not in (*SELECTIONS, "auto"):
-            raise ValueError(f"unknown selection {cfg.selection!r}; valid: auto, {', '.join(SELECTIONS)}")
+        if cfg.selection not in (*SELECTIONS, "auto", "mode"):
+            raise ValueError(f"unknown selection {cfg.selection!r}; valid: auto, mode, {', '.join(SELECTIONS)}")
         if cfg.critic_updates < 1:
             raise ValueError(f"critic_updates must be >= 1, got {cfg.critic_updates}")
 
@@ -167,17 +168,15 @@ class IDQL(RankedCandidates, Agent):
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         cfg = self.config
-        decide = cfg.selection == "auto" and cfg.num_candidates > 1  # one candidate is its own pick
-        if decide:
-            ranks, ratio = self.ranks_candidates(solver, steps)
-            if not ranks:
-                mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
-                                               generator=generator)
-                self.last_sample_log = {**log, "acting": f"behavior mode ({ode}, T=0; rank ratio {ratio:.2f})"}
-                return mode
+        at_mode, why = self.acts_at_mode(solver, steps)
+        if at_mode:
+            mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
+                                           generator=generator)
+            self.last_sample_log = {**log, "acting": f"behavior mode ({ode}, T=0; {why})"}
+            return mode
         obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
-        if decide:
-            self.last_sample_log["acting"] = f"argmax Q of {cfg.num_candidates} (rank ratio {ratio:.2f})"
+        if why:
+            self.last_sample_log["acting"] = f"argmax Q of {cfg.num_candidates} ({why})"
         if cfg.selection == "expectile":
             scores = expectile_weights(q - self.value(obs_rep).squeeze(-1), cfg.expectile)
         else:

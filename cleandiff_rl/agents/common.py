@@ -177,13 +177,22 @@ class RankedCandidates:
     selection and lost 10.7 and 6.0 points (docs/measurements.md, session 14).
     The agent provides `candidates(obs, solver, steps, generator) -> (obs repeated, actions, min Q)` and
     `critic_target` (or its own `_probe_candidates(obs, solver, steps, generator) -> (score, q1, q2)`, each
-    `(b * num_candidates,)`), `auto_selection` (how `auto` selects) and its config `num_candidates`,
-    `temperature`, `rank_threshold`. `_auto_choice` names the acting `auto` takes either way: as written
-    here, that of a diffusion actor (its mode: one ODE sample from zero noise, as `behavior_mode` draws it).
+    `(b * num_candidates,)`), `auto_selection` (how `auto` selects), `selections` (its other ways) and its
+    config `num_candidates`, `temperature`, `rank_threshold`. `_auto_choice` names the acting `auto` takes
+    either way: as written here, that of a diffusion actor (its mode: one ODE sample from zero noise, as
+    `behavior_mode` draws it).
     """
 
     added_state: ClassVar[tuple[str, ...]] = ("probe_obs",)
     auto_selection: ClassVar[str]  # how `selection: auto` selects where the critics rank candidates
+    selections: ClassVar[tuple[str, ...]]  # the agent's own ways to select, beside `auto` and `mode`
+
+    @classmethod
+    def check_selection(cls, selection: str) -> None:
+        """One clear error for a `selection` the agent cannot act by."""
+        valid = ("auto", "mode", *cls.selections)
+        if selection not in valid:
+            raise ValueError(f"unknown selection {selection!r}; valid: {', '.join(valid)}")
 
     def _init_probes(self, obs_dim: int) -> None:
         # NaN until `prepare`: an agent trained by hand, or a checkpoint older than the rule, has none

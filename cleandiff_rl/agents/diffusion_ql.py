@@ -70,6 +70,7 @@ class DiffusionQL(RankedCandidates, Agent):
     Config = DiffusionQLConfig
     ema_models = ("actor",)
     auto_selection = "softmax"  # the paper's
+    selections = ("softmax", "argmax")
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | DiffusionQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -84,8 +85,7 @@ class DiffusionQL(RankedCandidates, Agent):
 
     @classmethod
     def check_config(cls, cfg: DiffusionQLConfig) -> None:
-        if cfg.selection not in ("auto", "mode", "softmax", "argmax"):
-            raise ValueError(f"Diffusion-QL acts by 'auto', 'mode', 'softmax' or 'argmax', got {cfg.selection!r}")
+        cls.check_selection(cfg.selection)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer, "critic": self.critic_optimizer}

@@ -51,7 +51,6 @@ from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
 
 ACTING = ("onestep", "flow")
-SELECTIONS = ("auto", "mode", "argmax")
 
 
 @dataclass
@@ -87,6 +86,7 @@ class FQL(RankedCandidates, Agent):
     Config = FQLConfig
     ema_models = ("flow",)
     auto_selection = "argmax"  # the best of N by mean Q
+    selections = ("argmax",)
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | FQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -111,8 +111,7 @@ class FQL(RankedCandidates, Agent):
             raise ValueError(f"unknown acting {cfg.acting!r}; valid: {', '.join(ACTING)}")
         if cfg.num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {cfg.num_candidates}")
-        if cfg.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {cfg.selection!r}; valid: {', '.join(SELECTIONS)}")
+        cls.check_selection(cfg.selection)
 
     @property
     def is_diffusion(self) -> bool:  # type: ignore[override]

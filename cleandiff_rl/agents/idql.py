@@ -87,6 +87,7 @@ class IDQL(RankedCandidates, Agent):
     Config = IDQLConfig
     ema_models = ("actor",)
     auto_selection = "argmax"  # the released code's evaluation
+    selections = SELECTIONS
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | IDQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -103,8 +104,7 @@ class IDQL(RankedCandidates, Agent):
 
     @classmethod
     def check_config(cls, cfg: IDQLConfig) -> None:
-        if cfg.selection not in (*SELECTIONS, "auto", "mode"):
-            raise ValueError(f"unknown selection {cfg.selection!r}; valid: auto, mode, {', '.join(SELECTIONS)}")
+        cls.check_selection(cfg.selection)
         if cfg.critic_updates < 1:
             raise ValueError(f"critic_updates must be >= 1, got {cfg.critic_updates}")
 

@@ -355,9 +355,9 @@ def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, cri
                                                                        hopper_random, tmp_path):
     """`selection: auto` (the default of IDQL, Diffusion-QL and FQL) measures once per weights how far a
     state's candidates' Q values spread against the twin critics' disagreement, on dataset states fixed
-    before training: above 1 it selects among the candidates as `always` does, else it acts as `otherwise`
-    (the actor's mode: one ODE sample from zero noise; FQL's mu(s, 0)). `selection: mode` acts so always.
-    An older checkpoint without those states selects."""
+    before training: above the threshold (0.75) it selects among the candidates as `always` does, else it
+    acts as `otherwise` (the actor's mode: one ODE sample from zero noise; FQL's mu(s, 0)). `selection:
+    mode` acts so always. An older checkpoint without those states selects."""
     path = train(train_config(algo, hopper_random, tmp_path, steps=4))
     policy = load_policy(str(path), "cpu").with_settings({"num_candidates": 4})
     assert policy.config.selection == "auto" and not policy.probe_obs.isnan().any()

@@ -4,7 +4,8 @@
 `checkpoint.pt` (weights, optimizers, config, normalizer, step and RNG states, the run's wall time
 so far and the part of it spent in periodic evaluations; written atomically every `checkpoint_every`
 steps and at the end) and `tb/` (train/*, eval/score, eval/return).
-Rerunning the same command resumes from the checkpoint.
+Rerunning the same command resumes from the checkpoint. `max_minutes` ends a run early, as a finished
+one (final evaluation and checkpoint), once its wall time, resumes included, reaches that budget.
 
 Under `torchrun --nproc_per_node=N pipelines/train.py ...` the N processes train one model together, data
 parallel (`utils.distributed`): `batch_size` is the global batch, of which each rank trains on its 1/N
@@ -154,6 +155,10 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
     world, lead = world_size(), rank() == 0  # lead: the one process that writes and evaluates
     if int(cfg.batch_size) % world:
         raise ValueError(f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {world} processes")
+    limit = None if cfg.max_minutes is None else 60.0 * float(cfg.max_minutes)  # seconds of wall time
+    if limit is not None and (limit <= 0 or world > 1):
+        raise ValueError(f"max_minutes={cfg.max_minutes}: a wall-clock budget must be > 0 and is for one process "
+                         "(under torchrun the ranks would have to agree when to stop)")
     graphs = device.type == "cuda" and bool(cfg.cuda_graph)
     if cfg.compile and graphs:
         raise ValueError("compile=true and cuda_graph=true do not go together (compiled networks inside a captured "
@@ -188,6 +193,10 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
             if lead:
                 print(f"{ckpt_path} already holds {resumed['step']} updates (steps={cfg.steps}): nothing to train")
             return ckpt_path
+        if limit is not None and resumed.get("wall_seconds", 0.0) >= limit:
+            print(f"{ckpt_path} has trained {resumed['wall_seconds'] / 60:.1f} minutes (max_minutes={cfg.max_minutes}):"
+                  " nothing to train")
+            return ckpt_path
         acting = {key: params[key] for key in ACT_SETTINGS if key in params and key in resumed["config"]}
         agent = algo_cls.from_checkpoint({**resumed, "config": {**resumed["config"], **acting}}, device)
         start = resumed["step"]
@@ -210,6 +219,7 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
     if graphs:
         step_fn = CudaGraphStep(agent.train_step, agent.optimizers().values())
     sums: dict[str, Tensor] = {}
+    summed = 0  # updates in `sums` since the last log
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"{algo_cls.name} {cfg.dataset}",
                dynamic_ncols=True, mininterval=1.0, disable=not lead)
 
@@ -229,21 +239,24 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
             metrics = step_fn(rank_share(batch, agent.batches_per_step))
             agent.after_step()
             done = step + 1
+            out_of_time = limit is not None and time.perf_counter() - clock >= limit
+            last = done == total or out_of_time  # the run ends after this update
             preemption.safe = True
             if preemption.requested:
                 preemption.save_and_forward()
             for key, value in metrics.items():  # summed on the device: no sync until the next log
                 sums[key] = sums[key] + value if key in sums else value.clone()
-            if done % cfg.log_every == 0 or done == total:
-                count = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
-                global_means = mean_over_ranks(torch.stack([value / count for value in sums.values()]))  # all ranks'
-                means = finite_floats(dict(zip(sums, global_means)), f"in the {count} updates before update {done}")
+            summed += 1
+            if done % cfg.log_every == 0 or last:
+                global_means = mean_over_ranks(torch.stack([value / summed for value in sums.values()]))  # all ranks'
+                means = finite_floats(dict(zip(sums, global_means)), f"in the {summed} updates before update {done}")
                 if lead:
                     for key, value in means.items():
                         writer.add_scalar(f"train/{key}", value, done)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(means.items())[:3]})
                 sums.clear()
-            if lead and cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
+                summed = 0
+            if lead and cfg.eval_every and (done % cfg.eval_every == 0 or last):
                 eval_start = time.perf_counter()
                 result = evaluate(agent, env_id, episodes=cfg.eval_episodes, seed=cfg.seed + 100, progress=True)
                 for key in ("score", "return"):
@@ -254,8 +267,12 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
                 bar.write(f"step {done}: return {result['return_mean']:.1f} ± {result['return_se']:.1f}"
                           + (f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""))
                 eval_seconds += time.perf_counter() - eval_start
-            if done % cfg.checkpoint_every == 0 or done == total:
+            if done % cfg.checkpoint_every == 0 or last:
                 checkpoint()
+            if out_of_time:
+                bar.write(f"max_minutes={cfg.max_minutes} reached after {done} updates")
+                break
+    bar.close()
     if lead:
         writer.close()
     barrier()  # the others wait for rank 0's final evaluation and checkpoint

@@ -120,7 +120,8 @@ def lr_overrides(algo: str, batch_size: int | None, scaling: str) -> list[str]:
 def algo_overrides(cfg: DictConfig, algo: str) -> list[str]:
     """The preset's settings for `algo` as train.py overrides."""
     overrides = [f"algo={algo}", f"steps={cfg.steps[algo]}", f"seed={cfg.seed}", f"device={cfg.device}",
-                 f"eval_every={cfg.eval_every}", "eval_episodes=5", f"compile={algo in cfg.compile}"]
+                 f"eval_every={cfg.eval_every}", "eval_episodes=5", f"compile={algo in cfg.compile}",
+                 override("max_minutes", cfg.max_minutes)]
     batch_size = cfg.batch_size.get(algo)
     if batch_size is not None:
         overrides.append(f"batch_size={batch_size}")
@@ -135,10 +136,11 @@ def train_job(dataset: Dataset, overrides: list[str], run_dir: Path) -> list[str
 
 
 def timing(checkpoint: Path) -> dict:
-    """A finished training's wall time, time spent updating (without its periodic evaluations) and batch."""
+    """A finished training's updates (fewer than `steps` where `max_minutes` stopped it), wall time, time spent
+    updating (without its periodic evaluations) and batch."""
     state = load_checkpoint(checkpoint)
     wall = state["wall_seconds"]
-    return {"wall_seconds": wall, "update_seconds": wall - state.get("eval_seconds", 0.0),
+    return {"steps": state["step"], "wall_seconds": wall, "update_seconds": wall - state.get("eval_seconds", 0.0),
             "batch_size": state["run_config"]["batch_size"]}
 
 
@@ -206,24 +208,27 @@ class Cell:
 
 
 def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
-    """A markdown table: one row per algorithm (and act variant), one score column per dataset, mean ± s.e.;
-    below it, how each policy that chooses its acting per checkpoint acted."""
+    """A markdown table: one row per algorithm (and act variant) with its updates and updates/s, one score column
+    per dataset, mean ± s.e.; below it, how each policy that chooses its acting per checkpoint acted."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     cell = {(r["label"], r["dataset"]): r for r in rows}
     copies = {(r["algo"], r["dataset"]): r["label"] for r in rows if r.get("same_as_default")}
     notes = [f"- {r['label']} on {r['dataset']}: {r['acting']}" + (
         f" (the same evaluation as {copies[r['algo'], r['dataset']]})" if (r["algo"], r["dataset"]) in copies else "")
         for r in rows if r.get("acting")]
-    lines = ["| algo | updates/s | " + " | ".join(d.name for d in datasets) + " |",
-             "|---|---:|" + "---:|" * len(datasets)]
+    lines = ["| algo | updates | updates/s | " + " | ".join(d.name for d in datasets) + " |",
+             "|---|---:|---:|" + "---:|" * len(datasets)]
     for label in labels:
         scores = []
         for d in datasets:
             r = cell.get((label, d.name))
             scores.append("" if r is None else f"{r['score_mean']:.1f}" + (
                 f" ± {r['score_se']:.1f}" if r["score_se"] is not None else ""))
-        speeds = [r["updates_per_second"] for r in rows if r["label"] == label and r["updates_per_second"]]
-        lines.append(f"| {label} | {np.mean(speeds) if speeds else float('nan'):.1f} | " + " | ".join(scores) + " |")
+        trained = [r for r in rows if r["label"] == label and r["updates_per_second"]]
+        counts = sorted({r["steps"] for r in trained})  # one count, or a range where max_minutes stopped runs
+        steps = "-".join(f"{n / 1000:.0f}k" if n >= 1000 else str(n) for n in counts[:1] + counts[1:][-1:])
+        speed = np.mean([r["updates_per_second"] for r in trained]) if trained else float("nan")
+        lines.append(f"| {label} | {steps} | {speed:.1f} | " + " | ".join(scores) + " |")
     if notes:  # policies that decide their acting per checkpoint (selection: auto)
         lines += ["", "acting chosen per checkpoint:", *notes]
     return "\n".join(lines).replace("| nan |", "|  |")
@@ -288,9 +293,9 @@ def main(cfg: DictConfig) -> None:
     for (d, algo, label, _), folder in zip(evaluations, folders):
         run, result = timings[(d, algo)], json.loads((folder / "evaluation.json").read_text())
         evaluated.append({
-            "dataset": d.name, "dataset_id": d.id, "label": label, "algo": algo, "steps": int(cfg.steps[algo]),
+            "dataset": d.name, "dataset_id": d.id, "label": label, "algo": algo, "steps": run["steps"],
             "batch_size": run["batch_size"], "train_minutes": run["wall_seconds"] / 60,
-            "updates_per_second": cfg.steps[algo] / run["update_seconds"], "score_mean": result["score_mean"],
+            "updates_per_second": run["steps"] / run["update_seconds"], "score_mean": result["score_mean"],
             "score_se": result["score_se"], "return_mean": result["return_mean"], "episodes": cfg.episodes,
             "acting": result.get("acting"), "same_as_default": "same_as" in result})
     references = [{"dataset": d.name, "dataset_id": d.id, "label": "dataset average", "algo": None, "steps": 0,
@@ -311,8 +316,9 @@ def main(cfg: DictConfig) -> None:
     writer.add_text("suite/table", table)
     writer.add_figure("suite/scores", fig)
     writer.close()
+    budget = "" if cfg.max_minutes is None else f", at most {cfg.max_minutes} minutes per training"
     print(f"\nnormalized score (D4RL x100), mean ± s.e. over {cfg.episodes} episodes; suite {cfg.suite_name}, "
-          f"device {cfg.device}\n{table}\n\nresults: {out / 'results.json'}, {out / 'scores.png'}   "
+          f"device {cfg.device}{budget}\n{table}\n\nresults: {out / 'results.json'}, {out / 'scores.png'}   "
           f"TensorBoard: tensorboard --logdir {out}")
 
 

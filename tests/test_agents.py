@@ -702,6 +702,9 @@ def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch(
             train_cfg = compose_config([*algo_overrides(cfg, algo), "task=walker2d-medium-replay"])
             assert train_cfg.steps == cfg.steps[algo] and train_cfg.algo.name == algo
             assert train_cfg.compile == (algo in cfg.compile)
+    timed = compose_config(["suite=smoke", "max_minutes=2.5"], config_name="benchmark_suite")
+    assert compose_config(algo_overrides(timed, "bc")).max_minutes == 2.5
+    assert compose_config(algo_overrides(cfg, "bc")).max_minutes is None
     gpu = compose_config(["suite=gpu"], config_name="benchmark_suite")
     assert gpu.device == "cuda" and gpu.steps.dql >= 500_000 and gpu.jobs > 2 and gpu.lr_scaling == "sqrt"
     assert not gpu.compile  # CUDA graphs instead
@@ -715,12 +718,12 @@ def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch(
         ("mujoco_ant_expert-v0", "mujoco/ant/expert-v0", None)]
     with pytest.raises(ValueError, match="twice"):
         resolve_datasets(["hopper-medium", "cleandiff/hopper/medium-v0"])
-    rows = [{"label": "idql", "algo": "idql", "dataset": d.name, "score_mean": score, "score_se": 0.5,
+    rows = [{"label": "idql", "algo": "idql", "dataset": d.name, "score_mean": score, "score_se": 0.5, "steps": steps,
              "updates_per_second": 10.0, "acting": acting, "same_as_default": False}
-            for d, score, acting in zip(datasets[:2], (43.7, 32.0), ("mode (ratio 0.46)", None))]
+            for d, score, steps, acting in zip(datasets[:2], (43.7, 32.0), (30_000, 12_400), ("mode (ratio 0.46)", None))]
     rows.append({**rows[0], "label": "idql (ddim_T0)", "acting": None, "same_as_default": True})
     assert format_table(rows, datasets[:2]).splitlines() == [
-        "| algo | updates/s | hopper-medium-replay | cleandiff_walker2d_medium-v0 |", "|---|---:|---:|---:|",
-        "| idql | 10.0 | 43.7 ± 0.5 | 32.0 ± 0.5 |", "| idql (ddim_T0) | 10.0 | 43.7 ± 0.5 |  |", "",
+        "| algo | updates | updates/s | hopper-medium-replay | cleandiff_walker2d_medium-v0 |", "|---|---:|---:|---:|---:|",
+        "| idql | 12k-30k | 10.0 | 43.7 ± 0.5 | 32.0 ± 0.5 |", "| idql (ddim_T0) | 30k | 10.0 | 43.7 ± 0.5 |  |", "",
         "acting chosen per checkpoint:",
         "- idql on hopper-medium-replay: mode (ratio 0.46) (the same evaluation as idql (ddim_T0))"]

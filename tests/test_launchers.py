@@ -159,6 +159,28 @@ def test_a_preempted_training_saves_at_once_hands_the_signal_on_and_resumes_exac
     assert same_weights(tmp_path / "whole", tmp_path / "update")
 
 
+def test_max_minutes_ends_a_run_as_a_finished_one_and_a_rerun_keeps_to_it(hopper_random, tmp_path):
+    """`max_minutes` stops a training at its wall-clock budget, with the final checkpoint and evaluation
+    written as at `steps`; rerun with the same budget it trains nothing, with a larger one it goes on.
+    A budget of 0 is refused."""
+    base = [f"dataset={hopper_random}", "algo=bc", "steps=1000000", "eval_every=1000000", "eval_episodes=1",
+            "log_every=10", "device=cpu", "batch_size=32", "algo.params.hidden_dim=32", f"run_dir={tmp_path / 'run'}"]
+    path = tmp_path / "run" / "checkpoint.pt"
+    train(compose_config([*base, "max_minutes=0.002"]))  # 0.12 s
+    first = load_checkpoint(path)
+    assert 0 < first["step"] < 1_000_000 and 0.12 <= first["wall_seconds"] < 60
+    assert first["eval_seconds"] > 0  # the final evaluation ran
+    written = path.stat().st_mtime_ns
+    train(compose_config([*base, "max_minutes=0.002"]))
+    assert path.stat().st_mtime_ns == written
+    train(compose_config([*base, "max_minutes=0.004"]))
+    second = load_checkpoint(path)
+    assert second["step"] > first["step"] and second["wall_seconds"] >= 0.24
+    with pytest.raises(ValueError, match="max_minutes=0: a wall-clock budget must be > 0"):
+        train(compose_config([*base, "max_minutes=0", f"run_dir={tmp_path / 'zero'}"]))
+    assert not (tmp_path / "zero").exists()
+
+
 def test_a_run_folder_holding_other_settings_is_not_resumed(hopper_random, tmp_path):
     """Pointing a training at a folder whose checkpoint was trained with another seed, batch or parameter
     is one clear error (it used to continue that run, or report it finished); run-only settings resume; a

@@ -56,18 +56,28 @@ def _check_spaces(policy: Agent, env_id: str, obs_space: gym.Space, act_space: g
                          f"action shape {act_shape})")
 
 
-def _mean_se(values: np.ndarray) -> tuple[float, float]:
-    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
-    return float(values.mean()), se
-
-
-def _references(policy: Agent, env_id: str) -> tuple[float, float] | None:
-    for key in (policy.dataset_id, env_id):
+def _references(*ids: str | None) -> tuple[float, float] | None:
+    """The (min, max) normalization references of the first id (a dataset's, then an env's) that has them."""
+    for key in ids:
         try:
             return reference_scores(key)
         except ValueError:
             continue
     return None
+
+
+def return_statistics(returns: Sequence[float], *ids: str | None) -> dict[str, float | None]:
+    """Mean and standard error of episode returns, and of their normalized scores (x100, D4RL) against the
+    references of the first of `ids` (dataset, env) that has them (None where none has)."""
+    values = np.asarray(returns, dtype=np.float64)
+    return_mean = float(values.mean())
+    return_se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    refs = _references(*ids)
+    score_mean = score_se = None
+    if refs is not None:
+        lo, hi = refs
+        score_mean, score_se = 100 * (return_mean - lo) / (hi - lo), 100 * return_se / (hi - lo)
+    return {"return_mean": return_mean, "return_se": return_se, "score_mean": score_mean, "score_se": score_se}
 
 
 def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, seed: int = 0,
@@ -118,15 +128,8 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
         bar.close()
     finally:
         envs.close()
-    return_mean, return_se = _mean_se(returns)
-    refs = _references(policy, env_id)
-    score_mean = score_se = None
-    if refs is not None:
-        lo, hi = refs
-        score_mean, score_se = 100 * (return_mean - lo) / (hi - lo), 100 * return_se / (hi - lo)
-    return {"env_id": env_id, "episodes": episodes, "returns": returns.tolist(), "return_mean": return_mean,
-            "return_se": return_se, "score_mean": score_mean, "score_se": score_se,
-            "length_mean": float(lengths.mean()), "time_per_action_ms": 1000 * call_seconds / calls,
+    return {"env_id": env_id, "episodes": episodes, "returns": returns.tolist(),
+            **return_statistics(returns, policy.dataset_id, env_id), "length_mean": float(lengths.mean()), "time_per_action_ms": 1000 * call_seconds / calls,
             "solver": solver, "steps": steps, "temperature": getattr(policy.config, "temperature", None),
             "acting": policy.last_sample_log.get("acting"), **network_calls(policy)}
 

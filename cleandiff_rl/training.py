@@ -6,6 +6,7 @@ so far and the part of it spent in periodic evaluations; written atomically ever
 steps and at the end) and `tb/` (train/*, eval/score, eval/return).
 Rerunning the same command resumes from the checkpoint. `max_minutes` ends a run early, as a finished
 one (final evaluation and checkpoint), once its wall time, resumes included, reaches that budget.
+`keep_checkpoints=N` also keeps the N latest checkpoints as `checkpoints/<updates>.pt`.
 
 Under `torchrun --nproc_per_node=N pipelines/train.py ...` the N processes train one model together, data
 parallel (`utils.distributed`): `batch_size` is the global batch, of which each rank trains on its 1/N
@@ -39,9 +40,9 @@ from cleandiff_rl.agents.base import ACT_SETTINGS, make_config
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data import load_dataset
 from cleandiff_rl.evaluation import evaluate, plan_figure
-from cleandiff_rl.utils import (CudaGraphStep, Preemption, barrier, exclusive_run_dir, finite_floats, load_checkpoint,
-                                mean_over_ranks, process_group, rank, rank_share, resolve_device, seed_everything,
-                                world_size)
+from cleandiff_rl.utils import (CudaGraphStep, Preemption, barrier, exclusive_run_dir, finite_floats, keep_latest,
+                                load_checkpoint, mean_over_ranks, process_group, rank, rank_share, resolve_device,
+                                seed_everything, world_size)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the repository's configs/ links here
 
@@ -228,6 +229,8 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
         if lead:
             agent.save(ckpt_path, step=done, rng=_rng_state(generator), run_config=config,
                        wall_seconds=time.perf_counter() - clock, eval_seconds=eval_seconds)
+            if cfg.keep_checkpoints > 1:  # earlier states too, for evaluating the last few (the suite's `checkpoints`)
+                keep_latest(ckpt_path, run_dir / "checkpoints", done, int(cfg.keep_checkpoints))
             writer.flush()
 
     done = start

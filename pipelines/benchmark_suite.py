@@ -10,7 +10,8 @@ For every dataset (a task name from configs/task, or any Minari id):
 1. build it with the project's builder (configs/make_dataset.yaml) when the Minari root lacks it;
 2. for every algorithm, one job (a `Cell`): train at the preset's budget (configs/train.yaml), then
    evaluate the final checkpoint, and each of its act variants, on the same `episodes` env seeds
-   (configs/evaluate.yaml), so a cell's evaluations run while slower trainings go on.
+   (configs/evaluate.yaml), so a cell's evaluations run while slower trainings go on; with
+   `checkpoints=N`, the last N checkpoints, each on its share of those seeds, pooled.
 Builds and cells go through the suite's Hydra launcher (`cleandiff_rl.launching`): joblib, `jobs` at a
 time, by default; `hydra/launcher=slurm` (or any installed launcher) runs the same jobs on a cluster.
 A rerun with the same run_dir resumes unfinished trainings and reuses finished trainings and each
@@ -37,7 +38,7 @@ from cleandiff_rl.agents import Agent, get_algorithm
 from cleandiff_rl.data import dataset_average
 from cleandiff_rl.data.builder import build_datasets
 from cleandiff_rl.data.registry import build_command, datasets_root, parse_id, task_of
-from cleandiff_rl.evaluation import evaluate_checkpoint
+from cleandiff_rl.evaluation import evaluate_checkpoint, return_statistics
 from cleandiff_rl.launching import Logged, current_launcher, launch, launcher_name, override
 from cleandiff_rl.training import CONFIG_DIR, compose_config, train
 from cleandiff_rl.utils import atomic_write, load_checkpoint, write_csv
@@ -121,7 +122,8 @@ def algo_overrides(cfg: DictConfig, algo: str) -> list[str]:
     """The preset's settings for `algo` as train.py overrides."""
     overrides = [f"algo={algo}", f"steps={cfg.steps[algo]}", f"seed={cfg.seed}", f"device={cfg.device}",
                  f"eval_every={cfg.eval_every}", "eval_episodes=5", f"compile={algo in cfg.compile}",
-                 override("max_minutes", cfg.max_minutes)]
+                 override("max_minutes", cfg.max_minutes), f"checkpoint_every={cfg.checkpoint_every}",
+                 f"keep_checkpoints={cfg.checkpoints}"]
     batch_size = cfg.batch_size.get(algo)
     if batch_size is not None:
         overrides.append(f"batch_size={batch_size}")
@@ -144,67 +146,113 @@ def timing(checkpoint: Path) -> dict:
             "batch_size": state["run_config"]["batch_size"]}
 
 
-def fresh_record(folder: Path, checkpoint: Path, cfg: DictConfig) -> dict | None:
-    """The evaluation in `folder` when it was written after `checkpoint` on the suite's episodes and seeds."""
+def evaluated_checkpoints(run_dir: Path, count: int) -> list[tuple[Path, str]]:
+    """The checkpoints a cell evaluates, oldest first, each with its evaluations' subfolder: the final one
+    alone (count 1, no subfolder), else the `count` latest the training kept (checkpoints/<updates>.pt)."""
+    if count == 1:
+        return [(run_dir / "checkpoint.pt", "")]
+    kept = sorted((run_dir / "checkpoints").glob("*.pt"))[-count:]
+    if len(kept) < count:
+        raise ValueError(f"{run_dir} holds {len(kept)} kept checkpoint(s), not the last {count} to evaluate: it was "
+                         f"trained with fewer (keep_checkpoints), or for fewer than {count} x checkpoint_every updates")
+    return [(path, path.stem) for path in kept]
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """The env seeds one evaluation runs: `count` episodes from env seed `seed` on."""
+    count: int
+    seed: int
+
+
+def episode_shares(cfg: DictConfig) -> list[Episodes]:
+    """The suite's `episodes` (env seeds seed+1000 ...) split evenly over the `checkpoints` it evaluates."""
+    if cfg.episodes % cfg.checkpoints:
+        raise ValueError(f"episodes={cfg.episodes} must split evenly over checkpoints={cfg.checkpoints}")
+    share = cfg.episodes // cfg.checkpoints
+    return [Episodes(share, cfg.seed + 1000 + i * share) for i in range(cfg.checkpoints)]
+
+
+def fresh_record(folder: Path, checkpoint: Path, episodes: Episodes) -> dict | None:
+    """The evaluation in `folder` when it was written after `checkpoint` on these episodes."""
     done = folder / "evaluation.json"
     if not done.is_file() or done.stat().st_mtime <= checkpoint.stat().st_mtime:
         return None
     record = json.loads(done.read_text())
-    return record if (record["episodes"], record.get("seed")) == (cfg.episodes, cfg.seed + 1000) else None
+    return record if (record["episodes"], record.get("seed")) == (episodes.count, episodes.seed) else None
 
 
-def evaluation_job(checkpoint: Path, folder: Path, settings: dict, act_settings: dict,
-                   cfg: DictConfig) -> list[str] | None:
+def evaluation_job(checkpoint: Path, folder: Path, settings: dict, act_settings: dict, episodes: Episodes,
+                   device: str) -> list[str] | None:
     """evaluate.py's overrides for one checkpoint and act variant; None when `folder` already holds that
     evaluation of this checkpoint (`fresh_record`, same settings), acting as the policy acts now with them
     (`act_settings`; not if a default changed since)."""
-    record = fresh_record(folder, checkpoint, cfg)
+    record = fresh_record(folder, checkpoint, episodes)
     if record is not None and (record["settings"], record.get("act_settings")) == (settings, act_settings):
         return None
-    return [override("checkpoint", checkpoint), override("run_dir", folder), f"episodes={cfg.episodes}",
-            f"seed={cfg.seed + 1000}", f"device={cfg.device}",
+    return [override("checkpoint", checkpoint), override("run_dir", folder), f"episodes={episodes.count}",
+            f"seed={episodes.seed}", f"device={device}",
             *(override(f"+settings.{key}", value) for key, value in settings.items())]
 
 
 def default_acts_as(default: Path, checkpoint: Path, settings: dict, act_settings: dict,
-                    cfg: DictConfig) -> dict | None:
+                    episodes: Episodes) -> dict | None:
     """The default acting's evaluation (in folder `default`) recorded as the act variant `settings`, when the
     default acted exactly as that variant acts (its `acts_as` equals the variant's `act_settings`: e.g. IDQL's
     `selection: auto` chose argmax here); else None. So each distinct acting of a checkpoint is evaluated once."""
-    record = fresh_record(default, checkpoint, cfg)
+    record = fresh_record(default, checkpoint, episodes)
     if record is None or record.get("acts_as") != act_settings:
         return None
     return {**record, "settings": settings, "act_settings": act_settings, "acting": None,
             "same_as": str(default / "evaluation.json")}
 
 
+def thousands(count: int) -> str:
+    """An update count for a table: '30k', or the number itself below 1000."""
+    return f"{count / 1000:.0f}k" if count >= 1000 else str(count)
+
+
+def pooled(records: list[dict]) -> dict:
+    """One act setting's evaluations of the last checkpoints as one: their episodes pooled (mean ± s.e.), the
+    acting each chose where it chose (`<updates>: <acting>`), and `same_as` where every one took the default's."""
+    if len(records) == 1:
+        return records[0]
+    actings = [f"{thousands(r['updates'])}: {r['acting']}" for r in records if r.get("acting")]
+    return {**return_statistics([x for r in records for x in r["returns"]], records[0]["dataset_id"],
+                                records[0]["env_id"]),
+            "acting": "; ".join(actings) or None, **({"same_as": True} if all("same_as" in r for r in records) else {})}
+
+
 class Cell:
     """One dataset x algorithm as one launcher job (a task of train.py's config): train (or resume, or
-    reuse a finished run), then evaluate its final checkpoint with each act setting whose evaluation is
-    not already on disk, each logging to its own folder; an act variant the default acting already acted
-    as takes the default's evaluation. Picklable, for joblib and submitit workers."""
+    reuse a finished run), then evaluate its final checkpoint (or its last `checkpoints`, each on its share of
+    the episodes) with each act setting whose evaluation is not already on disk, each logging to its own
+    folder; an act variant the default acting already acted as on a checkpoint takes the default's evaluation
+    there. Picklable, for joblib and submitit workers."""
 
     def __init__(self, evaluations: dict[str, list[tuple[Path, dict]]], cfg: DictConfig) -> None:
         self.evaluations = evaluations  # run_dir -> [(evaluation folder, act settings)]
-        self.cfg = OmegaConf.create({key: cfg[key] for key in ("episodes", "seed", "device")})
+        self.checkpoints, self.device, self.shares = int(cfg.checkpoints), str(cfg.device), episode_shares(cfg)
 
     def __call__(self, cfg: DictConfig) -> None:
         train(cfg)
-        checkpoint = Path(cfg.run_dir) / "checkpoint.pt"
         evaluations = self.evaluations[str(cfg.run_dir)]  # the default acting first
-        for folder, settings in evaluations:
-            act_settings = Agent.load(checkpoint, "cpu").with_settings(settings).act_settings()
-            job = evaluation_job(checkpoint, folder, settings, act_settings, self.cfg)
-            if job is None:
-                continue
-            same = settings and default_acts_as(evaluations[0][0], checkpoint, settings, act_settings, self.cfg)
-            if not same:
-                Logged(evaluate_checkpoint)(compose_config(job, config_name="evaluate"))
-                continue
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / "log.txt", "a") as log:
-                print(f"acts exactly as the default acting did: its evaluation, {same['same_as']}", file=log)
-            atomic_write(folder / "evaluation.json", lambda f: json.dump(same, f, indent=1))
+        for (checkpoint, sub), episodes in zip(evaluated_checkpoints(Path(cfg.run_dir), self.checkpoints), self.shares):
+            for base, settings in evaluations:
+                folder = base / sub
+                act_settings = Agent.load(checkpoint, "cpu").with_settings(settings).act_settings()
+                job = evaluation_job(checkpoint, folder, settings, act_settings, episodes, self.device)
+                if job is None:
+                    continue
+                default = evaluations[0][0] / sub
+                same = settings and default_acts_as(default, checkpoint, settings, act_settings, episodes)
+                if not same:
+                    Logged(evaluate_checkpoint)(compose_config(job, config_name="evaluate"))
+                    continue
+                folder.mkdir(parents=True, exist_ok=True)
+                with open(folder / "log.txt", "a") as log:
+                    print(f"acts exactly as the default acting did: its evaluation, {same['same_as']}", file=log)
+                atomic_write(folder / "evaluation.json", lambda f: json.dump(same, f, indent=1))
 
 
 def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
@@ -226,7 +274,7 @@ def format_table(rows: list[dict], datasets: list[Dataset]) -> str:
                 f" ± {r['score_se']:.1f}" if r["score_se"] is not None else ""))
         trained = [r for r in rows if r["label"] == label and r["updates_per_second"]]
         counts = sorted({r["steps"] for r in trained})  # one count, or a range where max_minutes stopped runs
-        steps = "-".join(f"{n / 1000:.0f}k" if n >= 1000 else str(n) for n in counts[:1] + counts[1:][-1:])
+        steps = "-".join(thousands(n) for n in counts[:1] + counts[1:][-1:])
         speed = np.mean([r["updates_per_second"] for r in trained]) if trained else float("nan")
         lines.append(f"| {label} | {steps} | {speed:.1f} | " + " | ".join(scores) + " |")
     if notes:  # policies that decide their acting per checkpoint (selection: auto)
@@ -271,6 +319,9 @@ def main(cfg: DictConfig) -> None:
         get_algorithm(algo)
         if cfg.steps.get(algo) is None:
             raise ValueError(f"the suite preset {cfg.suite_name!r} sets no budget for {algo!r} (steps.{algo})")
+    if cfg.checkpoints < 1:
+        raise ValueError(f"checkpoints={cfg.checkpoints}: the suite evaluates at least the final checkpoint")
+    episode_shares(cfg)  # episodes split evenly over the checkpoints, checked before anything runs
     datasets = resolve_datasets(list(cfg.datasets))
     out = Path(cfg.run_dir)
     build_missing(datasets, cfg, out)
@@ -291,7 +342,9 @@ def main(cfg: DictConfig) -> None:
     timings = {(d, a): timing(out / d.name / a / "checkpoint.pt") for d, a in cells}
     evaluated = []
     for (d, algo, label, _), folder in zip(evaluations, folders):
-        run, result = timings[(d, algo)], json.loads((folder / "evaluation.json").read_text())
+        result = pooled([json.loads((folder / sub / "evaluation.json").read_text())
+                         for _, sub in evaluated_checkpoints(out / d.name / algo, cfg.checkpoints)])
+        run = timings[(d, algo)]
         evaluated.append({
             "dataset": d.name, "dataset_id": d.id, "label": label, "algo": algo, "steps": run["steps"],
             "batch_size": run["batch_size"], "train_minutes": run["wall_seconds"] / 60,
@@ -317,7 +370,8 @@ def main(cfg: DictConfig) -> None:
     writer.add_figure("suite/scores", fig)
     writer.close()
     budget = "" if cfg.max_minutes is None else f", at most {cfg.max_minutes} minutes per training"
-    print(f"\nnormalized score (D4RL x100), mean ± s.e. over {cfg.episodes} episodes; suite {cfg.suite_name}, "
+    pooling = "" if cfg.checkpoints == 1 else f" of the last {cfg.checkpoints} checkpoints"
+    print(f"\nnormalized score (D4RL x100), mean ± s.e. over {cfg.episodes} episodes{pooling}; suite {cfg.suite_name}, "
           f"device {cfg.device}{budget}\n{table}\n\nresults: {out / 'results.json'}, {out / 'scores.png'}   "
           f"TensorBoard: tensorboard --logdir {out}")
 

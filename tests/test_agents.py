@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -684,6 +685,36 @@ def test_suite_evaluates_each_acting_once(hopper_random, tmp_path):
     written = [path.stat().st_mtime_ns for path in done]
     subprocess.run(command, check=True, env=env, capture_output=True)
     assert [path.stat().st_mtime_ns for path in done] == written
+
+
+def test_suite_pools_the_last_checkpoints_evaluations(hopper_random, tmp_path):
+    """checkpoints=2: each act setting is evaluated on the last two kept checkpoints, each on its half of the
+    env seeds, and the table pools their episodes; a rerun reuses it all; episodes that do not split evenly
+    are one clear error before anything runs."""
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_suite.py"
+    out = tmp_path / "suite"
+    command = [sys.executable, str(script), "suite=smoke", f"datasets=[{hopper_random}]", "algos=[fql,bc]",
+               "checkpoints=2", "checkpoint_every=5", "episodes=4", f"run_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for row in rows[1:]:
+        folder = out / "test_hopper_random-v0" / row["algo"] / "evaluations" / re.sub(r"[^A-Za-z0-9.=_-]+", "_",
+                                                                                   row["label"])
+        records = [json.loads((folder / name / "evaluation.json").read_text()) for name in ("000000005", "000000010")]
+        assert [(r["updates"], r["episodes"], r["seed"]) for r in records] == [(5, 2, 1000), (10, 2, 1002)]
+        assert row["score_mean"] == pytest.approx(np.mean([r["score_mean"] for r in records]))
+        assert row["steps"] == 10 and row["episodes"] == 4
+    [fql] = [r for r in rows if r["label"] == "fql"]
+    assert fql["acting"].startswith("5: ") and "; 10: " in fql["acting"]  # `auto`'s choice at each checkpoint
+    done = sorted(out.glob("*/*/evaluations/*/*/evaluation.json"))
+    written = [path.stat().st_mtime_ns for path in done]
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    assert [path.stat().st_mtime_ns for path in done] == written
+    bad = subprocess.run([*command[:-2], "episodes=3", f"run_dir={tmp_path / 'bad'}"], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "episodes=3 must split evenly over checkpoints=2" in bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch():

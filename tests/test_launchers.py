@@ -45,7 +45,8 @@ def tensors(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = (tensors(load_checkpoint(run / "checkpoint.pt")["model"]) for run in (a, b))
+    """Whether two run folders' checkpoints (or two checkpoint files) hold the same weights."""
+    wa, wb = (tensors(load_checkpoint(p / "checkpoint.pt" if p.is_dir() else p)["model"]) for p in (a, b))
     return wa.keys() == wb.keys() and all(torch.equal(torch.as_tensor(wa[key]), torch.as_tensor(wb[key])) for key in wa)
 
 
@@ -179,6 +180,20 @@ def test_max_minutes_ends_a_run_as_a_finished_one_and_a_rerun_keeps_to_it(hopper
     with pytest.raises(ValueError, match="max_minutes=0: a wall-clock budget must be > 0"):
         train(compose_config([*base, "max_minutes=0", f"run_dir={tmp_path / 'zero'}"]))
     assert not (tmp_path / "zero").exists()
+
+
+def test_keep_checkpoints_keeps_the_latest_states_a_run_passed_through(hopper_random, tmp_path):
+    """keep_checkpoints=N keeps the N latest checkpoints as checkpoints/<updates>.pt: the last one is the
+    final checkpoint, an earlier one holds the weights of a run that stopped there; older ones are deleted."""
+    base = [f"dataset={hopper_random}", "algo=bc", "eval_every=0", "device=cpu", "batch_size=32",
+            "algo.params.hidden_dim=32", "checkpoint_every=10"]
+    train(compose_config([*base, "steps=40", "keep_checkpoints=2", f"run_dir={tmp_path / 'run'}"]))
+    kept = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [path.name for path in kept] == ["000000030.pt", "000000040.pt"]
+    assert kept[1].samefile(tmp_path / "run" / "checkpoint.pt") and load_checkpoint(kept[0])["step"] == 30
+    train(compose_config([*base, "steps=30", f"run_dir={tmp_path / 'short'}"]))
+    assert same_weights(kept[0], tmp_path / "short") and not same_weights(kept[0], kept[1])
+    assert not (tmp_path / "short" / "checkpoints").exists()
 
 
 def test_a_run_folder_holding_other_settings_is_not_resumed(hopper_random, tmp_path):

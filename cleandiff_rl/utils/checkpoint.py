@@ -52,6 +52,21 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
+def keep_latest(checkpoint: str | os.PathLike, folder: str | os.PathLike, step: int, count: int) -> list[Path]:
+    """Keep `checkpoint` (the state after `step` updates) as folder/<step>.pt, a hard link (`atomic_save`
+    replaces the checkpoint's file rather than rewriting it, so the link keeps this state), and delete all
+    but the `count` latest there; return those, oldest first."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = folder / f"{step:09d}.pt"  # zero-padded: names sort as update counts
+    kept.unlink(missing_ok=True)
+    os.link(checkpoint, kept)
+    files = sorted(folder.glob("*.pt"))
+    for old in files[:-count]:
+        old.unlink()
+    return files[-count:]
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint written by `atomic_save`; a missing or unreadable file is one clear error naming it."""
     path = Path(path)

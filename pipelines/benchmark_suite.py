@@ -122,7 +122,7 @@ def algo_overrides(cfg: DictConfig, algo: str) -> list[str]:
     """The preset's settings for `algo` as train.py overrides."""
     overrides = [f"algo={algo}", f"steps={cfg.steps[algo]}", f"seed={cfg.seed}", f"device={cfg.device}",
                  f"eval_every={cfg.eval_every}", "eval_episodes=5", f"compile={algo in cfg.compile}",
-                 override("max_minutes", cfg.max_minutes), f"checkpoint_every={cfg.checkpoint_every}",
+                 override("max_minutes", cfg.max_minutes), f"checkpoint_every={cfg.checkpoint_every[algo]}",
                  f"keep_checkpoints={cfg.checkpoints}"]
     batch_size = cfg.batch_size.get(algo)
     if batch_size is not None:
@@ -154,7 +154,8 @@ def evaluated_checkpoints(run_dir: Path, count: int) -> list[tuple[Path, str]]:
     kept = sorted((run_dir / "checkpoints").glob("*.pt"))[-count:]
     if len(kept) < count:
         raise ValueError(f"{run_dir} holds {len(kept)} kept checkpoint(s), not the last {count} to evaluate: it was "
-                         f"trained with fewer (keep_checkpoints), or for fewer than {count} x checkpoint_every updates")
+                         f"trained with fewer (keep_checkpoints), or for fewer than {count} x checkpoint_every updates; "
+                         "checkpoints=1 evaluates its final one")
     return [(path, path.stem) for path in kept]
 
 

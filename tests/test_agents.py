@@ -694,7 +694,7 @@ def test_suite_pools_the_last_checkpoints_evaluations(hopper_random, tmp_path):
     script = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_suite.py"
     out = tmp_path / "suite"
     command = [sys.executable, str(script), "suite=smoke", f"datasets=[{hopper_random}]", "algos=[fql,bc]",
-               "checkpoints=2", "checkpoint_every=5", "episodes=4", f"run_dir={out}"]
+               "checkpoints=2", "episodes=4", f"run_dir={out}"]  # the smoke preset checkpoints every 5 updates
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, capture_output=True)
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -728,11 +728,13 @@ def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch(
     for preset in ("cpu", "gpu", "smoke"):
         cfg = compose_config([f"suite={preset}"], config_name="benchmark_suite")
         assert cfg.suite_name == preset and all(cfg.steps[a] > 0 for a in ALGORITHMS)
+        assert all(cfg.checkpoints * cfg.checkpoint_every[a] <= cfg.steps[a] for a in ALGORITHMS)  # all kept in time
         assert len({cfg.steps[a] for a in ("bc", "diffusion_bc", "dql", "idql")}) == 1  # the same for all
         for algo in ALGORITHMS:  # what the suite passes to train.py composes there, typed by the algo's schema
             train_cfg = compose_config([*algo_overrides(cfg, algo), "task=walker2d-medium-replay"])
             assert train_cfg.steps == cfg.steps[algo] and train_cfg.algo.name == algo
             assert train_cfg.compile == (algo in cfg.compile)
+            assert (train_cfg.keep_checkpoints, train_cfg.checkpoint_every) == (cfg.checkpoints, cfg.checkpoint_every[algo])
     timed = compose_config(["suite=smoke", "max_minutes=2.5"], config_name="benchmark_suite")
     assert compose_config(algo_overrides(timed, "bc")).max_minutes == 2.5
     assert compose_config(algo_overrides(cfg, "bc")).max_minutes is None

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from cleandiff_rl.agents import BC
 from cleandiff_rl.launching import launch
 from cleandiff_rl.training import CONFIG_DIR, compose_config, register_configs, train
-from cleandiff_rl.utils import exclusive_run_dir, load_checkpoint
+from cleandiff_rl.utils import exclusive_run_dir, keep_latest, load_checkpoint
 
 TRAIN = Path(__file__).resolve().parents[1] / "pipelines" / "train.py"
 TINY = ["steps=20", "eval_every=0", "log_every=10", "device=cpu", "algo.params.hidden_dim=32"]
@@ -194,6 +194,19 @@ def test_keep_checkpoints_keeps_the_latest_states_a_run_passed_through(hopper_ra
     train(compose_config([*base, "steps=30", f"run_dir={tmp_path / 'short'}"]))
     assert same_weights(kept[0], tmp_path / "short") and not same_weights(kept[0], kept[1])
     assert not (tmp_path / "short" / "checkpoints").exists()
+
+
+def test_keep_latest_copies_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    def no_hard_links(*args):
+        raise OSError("no hard links here")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    state = tmp_path / "checkpoint.pt"
+    for step in (10, 20, 30):
+        state.write_bytes(b"state %d" % step)
+        kept = keep_latest(state, tmp_path / "kept", step, 2)
+    assert [(path.name, path.read_bytes()) for path in kept] == [("000000020.pt", b"state 20"), ("000000030.pt", b"state 30")]
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["000000020.pt", "000000030.pt"]
 
 
 def test_a_run_folder_holding_other_settings_is_not_resumed(hopper_random, tmp_path):

@@ -54,13 +54,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def keep_latest(checkpoint: str | os.PathLike, folder: str | os.PathLike, step: int, count: int) -> list[Path]:
     """Keep `checkpoint` (the state after `step` updates) as folder/<step>.pt, a hard link (`atomic_save`
-    replaces the checkpoint's file rather than rewriting it, so the link keeps this state), and delete all
-    but the `count` latest there; return those, oldest first."""
+    replaces the checkpoint's file rather than rewriting it, so the link keeps this state; a copy where the
+    file system has no hard links), and delete all but the `count` latest there; return those, oldest first."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     kept = folder / f"{step:09d}.pt"  # zero-padded: names sort as update counts
     kept.unlink(missing_ok=True)
-    os.link(checkpoint, kept)
+    try:
+        os.link(checkpoint, kept)
+    except OSError:
+        atomic_write(kept, lambda f: f.write(Path(checkpoint).read_bytes()), binary=True)
     files = sorted(folder.glob("*.pt"))
     for old in files[:-count]:
         old.unlink()

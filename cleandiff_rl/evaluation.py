@@ -129,7 +129,8 @@ def evaluate(policy: Agent, env_id: str | None = None, *, episodes: int = 10, se
     finally:
         envs.close()
     return {"env_id": env_id, "episodes": episodes, "returns": returns.tolist(),
-            **return_statistics(returns, policy.dataset_id, env_id), "length_mean": float(lengths.mean()), "time_per_action_ms": 1000 * call_seconds / calls,
+            **return_statistics(returns, policy.dataset_id, env_id),
+            "length_mean": float(lengths.mean()), "time_per_action_ms": 1000 * call_seconds / calls,
             "solver": solver, "steps": steps, "temperature": getattr(policy.config, "temperature", None),
             "acting": policy.last_sample_log.get("acting"), **network_calls(policy)}
 

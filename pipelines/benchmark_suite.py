@@ -153,9 +153,9 @@ def evaluated_checkpoints(run_dir: Path, count: int) -> list[tuple[Path, str]]:
         return [(run_dir / "checkpoint.pt", "")]
     kept = sorted((run_dir / "checkpoints").glob("*.pt"))[-count:]
     if len(kept) < count:
-        raise ValueError(f"{run_dir} holds {len(kept)} kept checkpoint(s), not the last {count} to evaluate: it was "
-                         f"trained with fewer (keep_checkpoints), or for fewer than {count} x checkpoint_every updates; "
-                         "checkpoints=1 evaluates its final one")
+        raise ValueError(f"{run_dir} holds {len(kept)} kept checkpoint(s), not the last {count} to evaluate: it "
+                         f"was trained with fewer (keep_checkpoints), or for fewer than {count} x checkpoint_every "
+                         "updates; checkpoints=1 evaluates its final one")
     return [(path, path.stem) for path in kept]
 
 
@@ -372,8 +372,8 @@ def main(cfg: DictConfig) -> None:
     writer.close()
     budget = "" if cfg.max_minutes is None else f", at most {cfg.max_minutes} minutes per training"
     pooling = "" if cfg.checkpoints == 1 else f" of the last {cfg.checkpoints} checkpoints"
-    print(f"\nnormalized score (D4RL x100), mean ± s.e. over {cfg.episodes} episodes{pooling}; suite {cfg.suite_name}, "
-          f"device {cfg.device}{budget}\n{table}\n\nresults: {out / 'results.json'}, {out / 'scores.png'}   "
+    print(f"\nnormalized score (D4RL x100), mean ± s.e. over {cfg.episodes} episodes{pooling}; "
+          f"suite {cfg.suite_name}, device {cfg.device}{budget}\n{table}\n\nresults: {out / 'results.json'}, {out / 'scores.png'}   "
           f"TensorBoard: tensorboard --logdir {out}")
 
 

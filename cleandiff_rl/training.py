@@ -156,10 +156,17 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
     world, lead = world_size(), rank() == 0  # lead: the one process that writes and evaluates
     if int(cfg.batch_size) % world:
         raise ValueError(f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {world} processes")
-    limit = None if cfg.max_minutes is None else 60.0 * float(cfg.max_minutes)  # seconds of wall time
+    try:
+        limit = None if cfg.max_minutes is None else 60.0 * float(cfg.max_minutes)  # seconds of wall time
+        keep = int(cfg.keep_checkpoints)
+    except ValueError:
+        raise ValueError(f"max_minutes={cfg.max_minutes} and keep_checkpoints={cfg.keep_checkpoints} must be numbers "
+                         "(null: no time limit)") from None
     if limit is not None and (limit <= 0 or world > 1):
         raise ValueError(f"max_minutes={cfg.max_minutes}: a wall-clock budget must be > 0 and is for one process "
                          "(under torchrun the ranks would have to agree when to stop)")
+    if keep < 1:
+        raise ValueError(f"keep_checkpoints={keep}: 1 keeps checkpoint.pt alone, N > 1 the N latest besides")
     graphs = device.type == "cuda" and bool(cfg.cuda_graph)
     if cfg.compile and graphs:
         raise ValueError("compile=true and cuda_graph=true do not go together (compiled networks inside a captured "
@@ -229,8 +236,8 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
         if lead:
             agent.save(ckpt_path, step=done, rng=_rng_state(generator), run_config=config,
                        wall_seconds=time.perf_counter() - clock, eval_seconds=eval_seconds)
-            if cfg.keep_checkpoints > 1:  # earlier states too, for evaluating the last few (the suite's `checkpoints`)
-                keep_latest(ckpt_path, run_dir / "checkpoints", done, int(cfg.keep_checkpoints))
+            if keep > 1:  # earlier states too, for evaluating the last few (the suite's `checkpoints`)
+                keep_latest(ckpt_path, run_dir / "checkpoints", done, keep)
             writer.flush()
 
     done = start

@@ -320,8 +320,10 @@ def main(cfg: DictConfig) -> None:
         get_algorithm(algo)
         if cfg.steps.get(algo) is None:
             raise ValueError(f"the suite preset {cfg.suite_name!r} sets no budget for {algo!r} (steps.{algo})")
-    if cfg.checkpoints < 1:
-        raise ValueError(f"checkpoints={cfg.checkpoints}: the suite evaluates at least the final checkpoint")
+    if not isinstance(cfg.checkpoints, int) or cfg.checkpoints < 1:
+        raise ValueError(f"checkpoints={cfg.checkpoints}: the suite evaluates the last N >= 1 checkpoints")
+    if cfg.max_minutes is not None and (not isinstance(cfg.max_minutes, (int, float)) or cfg.max_minutes <= 0):
+        raise ValueError(f"max_minutes={cfg.max_minutes}: a wall-clock budget per training is a number > 0 (null: none)")
     episode_shares(cfg)  # episodes split evenly over the checkpoints, checked before anything runs
     datasets = resolve_datasets(list(cfg.datasets))
     out = Path(cfg.run_dir)

@@ -714,6 +714,11 @@ def test_suite_pools_the_last_checkpoints_evaluations(hopper_random, tmp_path):
     bad = subprocess.run([*command[:-2], "episodes=3", f"run_dir={tmp_path / 'bad'}"], env=env, capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "episodes=3 must split evenly over checkpoints=2" in bad.stderr
+    for setting, error in [("checkpoints=x", "checkpoints=x: the suite evaluates the last N >= 1"),
+                           ("max_minutes=0", "max_minutes=0: a wall-clock budget per training is a number > 0")]:
+        bad = subprocess.run([*command[:-1], setting, f"run_dir={tmp_path / 'bad'}"], env=env, capture_output=True,
+                             text=True)
+        assert bad.returncode != 0 and error in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
 
 

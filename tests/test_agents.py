@@ -268,6 +268,24 @@ def test_dql_q_loss_only_reaches_levels_the_bc_loss_trains():
     assert called <= set(agent.actor.schedule.sample_t(10_000).tolist())
 
 
+def test_dql_layer_norm_critic_bounds_q_far_from_the_data(hopper_random, tmp_path):
+    """`critic_layer_norm=true`: each hidden layer's output is normalized, so |Q| stays under the last layer's
+    weight norm times sqrt(width) however far an action lies from the data; the original's critic grows with
+    the action's scale. The setting trains and reloads with the checkpoint."""
+    obs, act = torch.randn(16, 11), torch.rand(16, 3) * 2 - 1
+    for layer_norm in (False, True):
+        critic = get_algorithm("dql")(11, 3, {**SMALL["dql"], "critic_layer_norm": layer_norm}, device="cpu").critic
+        last = critic.q1[-1]
+        with torch.no_grad():
+            near, far = critic.q1(torch.cat([obs, act], -1)), critic.q1(torch.cat([obs, 1e4 * act], -1))
+        bound = last.weight.abs().sum() * 32 ** 0.5 + last.bias.abs()
+        assert (far.abs().max() <= bound) == layer_norm, layer_norm
+        assert (far.abs().max() > 100 * near.abs().max()) != layer_norm, layer_norm
+    path = train(train_config("dql", hopper_random, tmp_path, steps=4, **{"algo.params.critic_layer_norm": "true"}))
+    policy = load_policy(str(path))
+    assert policy.config.critic_layer_norm and any(isinstance(m, torch.nn.LayerNorm) for m in policy.critic.modules())
+
+
 def test_idql_expectile_weights_depend_only_on_the_sign_of_the_advantage():
     """|f'(A)| / |A| for the expectile loss is tau or 1 - tau: a candidate barely above V weighs as much
     as one far above."""

@@ -8,6 +8,8 @@ Per update (Zhendong-Wang/Diffusion-Policies-for-Offline-RL, agents/ql_diffusion
    with a_pi sampled from the online actor *with gradients through every sampling step*.
 3. Both gradient norms are clipped at the per-task `grad_norm`; targets track the critic with
    tau = 0.005 every step; the actor's EMA (0.995) updates every 5 steps from step 1000.
+The critics are the original's 3 x 256 Mish MLPs; `critic_layer_norm` adds LayerNorm after each hidden
+layer (CleanDiffuser's DQLCritic), which bounds Q far from the data: walker2d medium's default.
 Acting: sample `num_candidates` actions per state and draw one with probability softmax(Q) (the
 original's). This project's `selection: auto` (the default) does so only where the critics can rank a
 state's candidates (`rank_ratio` > 0.75 with the target critics' min Q as the score, agents/common.py
@@ -42,7 +44,8 @@ from cleandiff_rl.utils import optimizer_step, soft_update
 
 @dataclass
 class DiffusionQLConfig(DiffusionActorConfig):
-    """Defaults: the original's (main.py, hopper-medium); per-task eta and grad_norm live in configs/task.
+    """Defaults: the original's (main.py, hopper-medium); per-task eta, grad_norm and critic_layer_norm are
+    in configs/task.
 
     Time is discrete (T = 5), as in the original, and this matters: the Q term trains the network only
     at the times the sampler visits. With continuous time the BC loss almost never samples those exact
@@ -58,6 +61,7 @@ class DiffusionQLConfig(DiffusionActorConfig):
     tau: float = 0.005  # target critic Polyak rate, every step
     critic_lr: float = 3e-4
     critic_hidden: int = 256
+    critic_layer_norm: bool = False  # LayerNorm after each critic layer (CleanDiffuser's DQLCritic; the original has none)
     num_candidates: int = 50  # actions sampled per state when acting
     selection: str = "auto"  # softmax where the critics rank candidates, else the mode; mode | softmax (the original) | argmax
     selection_temperature: float = 1.0
@@ -78,7 +82,7 @@ class DiffusionQL(RankedCandidates, Agent):
         clip = cfg.grad_norm or None
         self.actor = diffusion_actor(cfg, act_dim, obs_dim, grad_clip_norm=clip, device=self.device)
         hidden = (cfg.critic_hidden,) * 3
-        self.critic = TwinQ(obs_dim, act_dim, hidden, act="mish").to(self.device)
+        self.critic = TwinQ(obs_dim, act_dim, hidden, act="mish", layer_norm=cfg.critic_layer_norm).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
         self._init_probes(obs_dim)

@@ -159,7 +159,7 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
     try:
         limit = None if cfg.max_minutes is None else 60.0 * float(cfg.max_minutes)  # seconds of wall time
         keep = int(cfg.keep_checkpoints)
-    except ValueError:
+    except (TypeError, ValueError):  # TypeError: keep_checkpoints=null
         raise ValueError(f"max_minutes={cfg.max_minutes} and keep_checkpoints={cfg.keep_checkpoints} must be numbers "
                          "(null: no time limit)") from None
     if limit is not None and (limit <= 0 or world > 1):

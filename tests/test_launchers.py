@@ -181,6 +181,8 @@ def test_max_minutes_ends_a_run_as_a_finished_one_and_a_rerun_keeps_to_it(hopper
         train(compose_config([*base, "max_minutes=0", f"run_dir={tmp_path / 'zero'}"]))
     with pytest.raises(ValueError, match="max_minutes=abc and keep_checkpoints=1 must be numbers"):
         train(compose_config([*base, "max_minutes=abc", f"run_dir={tmp_path / 'zero'}"]))
+    with pytest.raises(ValueError, match="keep_checkpoints=None must be numbers"):
+        train(compose_config([*base, "keep_checkpoints=null", f"run_dir={tmp_path / 'zero'}"]))
     with pytest.raises(ValueError, match="keep_checkpoints=0: 1 keeps checkpoint.pt alone"):
         train(compose_config([*base, "keep_checkpoints=0", f"run_dir={tmp_path / 'zero'}"]))
     assert not (tmp_path / "zero").exists()

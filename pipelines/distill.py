@@ -41,6 +41,10 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.run_dir)
     episodes = {"episodes": cfg.episodes, "seed": cfg.seed + 1000}
     parent = evaluate(policy, **episodes, progress=True) if cfg.episodes else None
+    # The student acts as its parent does: `selection: auto` decides on the parent's candidates. Left to
+    # decide on its own, a 1-step student's wider candidates passed the rank test where its parent's did not
+    # (hopper-medium: ratio 0.81 against 0.66), and it selected where the parent acted at its mode.
+    acting = policy.chosen_settings()
     out.mkdir(parents=True, exist_ok=True)
     with SummaryWriter(str(out / "tb")) as writer:
         policy.actor = distill(policy.actor, lambda n: data.sample(n, generator)["obs"], (policy.act_dim,),
@@ -48,6 +52,7 @@ def main(cfg: DictConfig) -> None:
                                teacher_steps=cfg.teacher_steps or policy.steps, updates=cfg.updates,
                                batch_size=cfg.batch_size, lr=cfg.lr, temperature=policy.config.temperature,
                                writer=writer)
+    policy.with_settings(acting)
     policy.config.solver, policy.config.sampling_steps = "ddim", cfg.nfe
     policy.set_sampling(solver="ddim", steps=cfg.nfe)
     path = policy.save(out / "checkpoint.pt", distilled_from=str(cfg.checkpoint))

@@ -244,6 +244,9 @@ def test_distill_pipeline_writes_a_student_that_acts_in_nfe_calls_per_candidate(
     assert result["parent"]["nfe"] == 5 and result["student"]["nfe"] == nfe
     student, parent = load_policy(str(out / "checkpoint.pt")), load_policy(str(path))
     assert (student.solver, student.steps) == ("ddim", nfe) and student.name == algo
+    # `auto`'s choice is the parent's, fixed in the student's settings: it decides nothing of its own
+    assert parent.chosen_settings() and not student.chosen_settings()
+    assert student.act_settings() == parent.with_settings(parent.chosen_settings()).set_sampling("ddim", nfe).act_settings()
     critic = "critic" if algo == "dql" else "value"
     for key, value in parent.state_dict().items():
         if key.startswith(critic):

@@ -51,19 +51,20 @@ def test_a_train_run_is_named_after_its_dataset():
         "runs/train/bc/mujoco_hopper_expert-v0-seed0"
 
 
-def test_medium_expert_tasks_act_at_the_mode_and_soften_diffusion_qls_q_term():
-    """Per-task acting and eta (docs/measurements.md, sessions 20-21): on medium-expert the three critic-selecting
-    policies act at their actor's mode and Diffusion-QL's Q term weighs 0.25 (on walker2d medium too),
-    elsewhere `auto` and the paper's 1."""
+def test_per_task_acting_and_diffusion_qls_q_term():
+    """Per-task acting and eta (docs/measurements.md, sessions 20-24): Diffusion-QL and IDQL decide their acting
+    by `auto` on every task, Diffusion-QL at its own higher rank threshold; FQL acts at its mode on
+    medium-expert. Diffusion-QL's Q term weighs 0.25 on medium-expert and walker2d medium, elsewhere the paper's 1."""
     for env in ("hopper", "halfcheetah", "walker2d"):
-        for level, selection, eta in (("medium", "auto", 0.25 if env == "walker2d" else 1.0),
-                                      ("medium-replay", "auto", 1.0), ("medium-expert", "mode", 0.25)):
-            for algo in ("dql", "idql", "fql"):
+        for level, fql_selection, eta in (("medium", "auto", 0.25 if env == "walker2d" else 1.0),
+                                          ("medium-replay", "auto", 1.0), ("medium-expert", "mode", 0.25)):
+            for algo, selection, threshold in (("dql", "auto", 1.2), ("idql", "auto", 0.75), ("fql", fql_selection, 0.75)):
                 cfg = compose_config([f"algo={algo}", f"task={env}-{level}"])
-                assert cfg.algo.params.selection == selection
+                assert (cfg.algo.params.selection, cfg.algo.params.rank_threshold) == (selection, threshold)
                 if algo == "dql":
                     assert cfg.algo.params.eta == eta
     assert compose_config(["algo=idql", "task=hopper-medium-expert", "algo.params.selection=argmax"]).algo.params.selection == "argmax"
+    assert compose_config(["algo=fql", "dataset=test/hopper/random-v0"]).algo.params.selection == "auto"
 
 
 def test_evaluate_and_sweep_folders_are_named_after_the_run():

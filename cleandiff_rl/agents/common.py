@@ -28,6 +28,7 @@ PROBE_STATES = 256  # dataset states the rank ratio is measured on
 # two more misses (IDQL 0.56 on halfcheetah medium-expert, 8 below argmax; FQL 1.19 on that hopper build, 7
 # below its mode). Scored against issue 14's targets over every measured checkpoint, this rule still keeps each
 # miss within a few points, where always selecting loses 33-43 on some medium-expert build (docs/measurements.md, session 17).
+# IDQL's and FQL's default; Diffusion-QL's is 1.2 (agents/diffusion_ql.py says why).
 RANK_THRESHOLD = 0.75
 
 
@@ -172,7 +173,7 @@ class RankedCandidates:
     training (`probe_obs`, drawn in `prepare` with a fixed seed, kept in the checkpoint): the mean
     within-state std of the selection score over a state's candidates, divided by the twin critics'
     mean disagreement |Q1 - Q2| on the same candidates: how far the selection's signal stands above the
-    critics' own uncertainty. Above `rank_threshold` (`RANK_THRESHOLD`, 0.75) the agent selects; the
+    critics' own uncertainty. Above `rank_threshold` (`RANK_THRESHOLD`, 0.75; Diffusion-QL 1.2) the agent selects; the
     threshold was 1 until two halfcheetah medium-replay checkpoints (IDQL 0.82, FQL 0.97) acted without
     selection and lost 10.7 and 6.0 points (docs/measurements.md, session 14).
     The agent provides `candidates(obs, solver, steps, generator) -> (obs repeated, actions, min Q)` and

@@ -12,11 +12,12 @@ The critics are the original's 3 x 256 Mish MLPs; `critic_layer_norm` adds Layer
 layer (CleanDiffuser's DQLCritic), which bounds Q far from the data: walker2d medium's default.
 Acting: sample `num_candidates` actions per state and draw one with probability softmax(Q) (the
 original's). This project's `selection: auto` (the default) does so only where the critics can rank a
-state's candidates (`rank_ratio` > 0.75 with the target critics' min Q as the score, agents/common.py
-`RankedCandidates`), and acts at the actor's mode (one ODE sample at temperature 0) elsewhere. On hopper
-the ratio was 1.42 on medium-replay (softmax 23.8 against the mode's 12.4) and 0.71 on medium-expert
-(softmax 40.6, mode 45.7). `selection: mode` always acts at the mode: the medium-expert tasks' default
-(configs/task), with eta 0.25 there, where the critics' rank ratio did not tell when selecting pays.
+state's candidates (`rank_ratio` > `rank_threshold`, 1.2, with the target critics' min Q as the score,
+agents/common.py `RankedCandidates`), and acts at the actor's mode (one ODE sample at temperature 0)
+elsewhere. Its threshold is higher than IDQL's and FQL's 0.75: selecting won at ratios 1.41-1.42
+(hopper and halfcheetah medium-replay: softmax 23.8 against the mode's 12.4, 36.9 against 35.2) and lost
+up to 59 points at 0.82-1.01 (medium-expert; walker2d medium-replay with a LayerNorm critic: 27.2
+against 48.2), docs/measurements.md session 24. `selection: mode` always acts at the mode.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from torch import Tensor
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import (
     DiffusionActorConfig,
-    RANK_THRESHOLD,
     RankedCandidates,
     TwinQ,
     behavior_mode,
@@ -65,7 +65,7 @@ class DiffusionQLConfig(DiffusionActorConfig):
     num_candidates: int = 50  # actions sampled per state when acting
     selection: str = "auto"  # softmax where the critics rank candidates, else the mode; mode | softmax (the original) | argmax
     selection_temperature: float = 1.0
-    rank_threshold: float = RANK_THRESHOLD  # auto: select among candidates when `rank_ratio` exceeds this
+    rank_threshold: float = 1.2  # auto: select among candidates when `rank_ratio` exceeds this (IDQL, FQL: 0.75)
     act_with_ema: bool = True  # the original acts with the online actor; the EMA one is steadier
 
 

@@ -54,7 +54,8 @@ def test_a_train_run_is_named_after_its_dataset():
 def test_per_task_acting_and_diffusion_qls_q_term():
     """Per-task acting and eta (docs/measurements.md, sessions 20-24): Diffusion-QL and IDQL decide their acting
     by `auto` on every task, Diffusion-QL at its own higher rank threshold; FQL acts at its mode on
-    medium-expert. Diffusion-QL's Q term weighs 0.25 on medium-expert and walker2d medium, elsewhere the paper's 1."""
+    medium-expert. Diffusion-QL's Q term weighs 0.25 on medium-expert and walker2d medium, elsewhere the paper's 1;
+    its critic has LayerNorm on walker2d medium and medium-replay."""
     for env in ("hopper", "halfcheetah", "walker2d"):
         for level, fql_selection, eta in (("medium", "auto", 0.25 if env == "walker2d" else 1.0),
                                           ("medium-replay", "auto", 1.0), ("medium-expert", "mode", 0.25)):
@@ -63,6 +64,7 @@ def test_per_task_acting_and_diffusion_qls_q_term():
                 assert (cfg.algo.params.selection, cfg.algo.params.rank_threshold) == (selection, threshold)
                 if algo == "dql":
                     assert cfg.algo.params.eta == eta
+                    assert cfg.algo.params.critic_layer_norm == (env == "walker2d" and level != "medium-expert")
     assert compose_config(["algo=idql", "task=hopper-medium-expert", "algo.params.selection=argmax"]).algo.params.selection == "argmax"
     assert compose_config(["algo=fql", "dataset=test/hopper/random-v0"]).algo.params.selection == "auto"
 

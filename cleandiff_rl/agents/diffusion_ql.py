@@ -9,7 +9,7 @@ Per update (Zhendong-Wang/Diffusion-Policies-for-Offline-RL, agents/ql_diffusion
 3. Both gradient norms are clipped at the per-task `grad_norm`; targets track the critic with
    tau = 0.005 every step; the actor's EMA (0.995) updates every 5 steps from step 1000.
 The critics are the original's 3 x 256 Mish MLPs; `critic_layer_norm` adds LayerNorm after each hidden
-layer (CleanDiffuser's DQLCritic), which bounds Q far from the data: walker2d medium's default.
+layer (CleanDiffuser's DQLCritic), which bounds Q far from the data: walker2d medium's and medium-replay's default.
 Acting: sample `num_candidates` actions per state and draw one with probability softmax(Q) (the
 original's). This project's `selection: auto` (the default) does so only where the critics can rank a
 state's candidates (`rank_ratio` > `rank_threshold`, 1.2, with the target critics' min Q as the score,

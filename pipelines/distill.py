@@ -2,7 +2,7 @@
 
 See configs/distill.yaml. Writes run_dir/checkpoint.pt (the parent with its behavior model replaced by
 the student, acting with DDIM at `nfe` steps), run_dir/evaluation.json (parent and student: score,
-NFE and time per action on the same episodes) and TensorBoard (`distill/loss`).
+NFE and time per action on the same episodes; the noise scale distilled on) and TensorBoard (`distill/loss`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ register_configs()  # the checkpoint_name resolver of the run folder
 @user_errors
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
-    policy = load_policy(cfg.checkpoint, cfg.device, threads=None)
+    if cfg.temperature is not None and not cfg.temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (or null: the parent's acting), got {cfg.temperature!r}")
+    policy = load_policy(cfg.checkpoint, cfg.device, threads=None).with_settings(cfg.settings)
     if not isinstance(getattr(policy, "actor", None), DiffusionModel):
         raise ValueError(f"distill needs a policy that samples a diffusion actor (diffusion_bc, dql, idql), "
                          f"not {policy.name!r}")
@@ -45,19 +47,21 @@ def main(cfg: DictConfig) -> None:
     # decide on its own, a 1-step student's wider candidates passed the rank test where its parent's did not
     # (hopper-medium: ratio 0.81 against 0.66), and it selected where the parent acted at its mode.
     acting = policy.chosen_settings()
+    # ... and learns the teacher's map where it acts: from zero noise alone where the parent acts at its mode
+    temperature = cfg.temperature if cfg.temperature is not None else acting.get("temperature", policy.config.temperature)
     out.mkdir(parents=True, exist_ok=True)
     with SummaryWriter(str(out / "tb")) as writer:
         policy.actor = distill(policy.actor, lambda n: data.sample(n, generator)["obs"], (policy.act_dim,),
                                steps=cfg.nfe, teacher_solver=cfg.teacher_solver,
                                teacher_steps=cfg.teacher_steps or policy.steps, updates=cfg.updates,
-                               batch_size=cfg.batch_size, lr=cfg.lr, temperature=policy.config.temperature,
-                               writer=writer)
+                               batch_size=cfg.batch_size, lr=cfg.lr, temperature=temperature, writer=writer)
     policy.with_settings(acting)
     policy.config.solver, policy.config.sampling_steps = "ddim", cfg.nfe
     policy.set_sampling(solver="ddim", steps=cfg.nfe)
     path = policy.save(out / "checkpoint.pt", distilled_from=str(cfg.checkpoint))
     student = evaluate(policy, **episodes, progress=True) if cfg.episodes else None
-    result = {"checkpoint": str(path), "parent_checkpoint": str(cfg.checkpoint), "parent": parent, "student": student}
+    result = {"checkpoint": str(path), "parent_checkpoint": str(cfg.checkpoint), "temperature": temperature,
+              "parent": parent, "student": student}
     atomic_write(out / "evaluation.json", lambda f: json.dump(result, f, indent=1))
     for name, row in (("parent", parent), ("student", student)):
         if row is not None:

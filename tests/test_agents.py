@@ -246,6 +246,8 @@ def test_distill_pipeline_writes_a_student_that_acts_in_nfe_calls_per_candidate(
     assert (student.solver, student.steps) == ("ddim", nfe) and student.name == algo
     # `auto`'s choice is the parent's, fixed in the student's settings: it decides nothing of its own
     assert parent.chosen_settings() and not student.chosen_settings()
+    # and it learned the teacher's map at the noise it acts from (zero where the parent acts at its mode)
+    assert result["temperature"] == parent.chosen_settings().get("temperature", parent.config.temperature)
     assert student.act_settings() == parent.with_settings(parent.chosen_settings()).set_sampling("ddim", nfe).act_settings()
     critic = "critic" if algo == "dql" else "value"
     for key, value in parent.state_dict().items():
@@ -257,6 +259,9 @@ def test_distill_pipeline_writes_a_student_that_acts_in_nfe_calls_per_candidate(
                           f"run_dir={tmp_path / 'bad'}"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "distill needs a policy that samples a diffusion actor" in bad.stderr
     assert not (tmp_path / "bad").exists()
+    bad = subprocess.run([sys.executable, str(script), f"checkpoint={path}", "temperature=-1", f"run_dir={tmp_path / 'bad'}"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "temperature must be >= 0" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_dql_q_loss_only_reaches_levels_the_bc_loss_trains():

@@ -576,5 +576,14 @@ def test_a_one_step_student_keeps_the_teachers_modes_where_one_teacher_step_coll
     assert log["nfe"] == 1 and abs(target.abs().mean().item() - 1.25) < 0.1  # the teacher learned both modes
     assert (distilled - target).abs().mean() < 0.15 < 0.5 < (one_step - target).abs().mean()
     assert distilled.abs().mean() > 0.9 * target.abs().mean() and 0.4 < (distilled > 0).float().mean() < 0.6
+    # temperature 0 distils the teacher's mode map alone (x_T = 0, a policy acting at its mode): there a
+    # student fits it closer than one that spreads its fit over every x_T
+    c, zero = torch.linspace(-1, 1, 201)[:, None], torch.zeros(201, 1)
+    at_mode = distill(teacher, lambda n: torch.rand(n, 1) * 2 - 1, (1,), steps=1, teacher_steps=10, updates=300,
+                      lr=1e-3, temperature=0.0, progress=False)
+    mode, _ = teacher.sample(zero, solver="ddim", steps=10, x_T=zero, condition_cfg=c)
+    errors = [(s.sample(zero, solver="ddim", steps=1, x_T=zero, condition_cfg=c)[0] - mode).abs().mean().item()
+              for s in (student, at_mode)]
+    assert errors[1] < 0.02 and errors[1] < 0.5 * errors[0], errors
     with pytest.raises(ValueError, match="must be deterministic"):
         distill(teacher, lambda n: torch.zeros(n, 1), (1,), teacher_solver="ddpm", updates=1)

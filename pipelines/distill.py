@@ -19,6 +19,7 @@ from cleandiff_rl.agents import load_policy
 from cleandiff_rl.data import TransitionDataset
 from cleandiff_rl.diffusion import DiffusionModel
 from cleandiff_rl.diffusion.distill import distill
+from cleandiff_rl.diffusion.model import check_temperature
 from cleandiff_rl.evaluation import evaluate
 from cleandiff_rl.training import register_configs
 from cleandiff_rl.utils import atomic_write, seed_everything
@@ -31,8 +32,8 @@ register_configs()  # the checkpoint_name resolver of the run folder
 @user_errors
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
-    if cfg.temperature is not None and not cfg.temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (or null: the parent's acting), got {cfg.temperature!r}")
+    if cfg.temperature is not None:
+        check_temperature(cfg.temperature)  # before anything is written (distill checks it again, too late for that)
     policy = load_policy(cfg.checkpoint, cfg.device, threads=None).with_settings(cfg.settings)
     if not isinstance(getattr(policy, "actor", None), DiffusionModel):
         raise ValueError(f"distill needs a policy that samples a diffusion actor (diffusion_bc, dql, idql), "

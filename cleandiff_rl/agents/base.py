@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from cleandiff_rl.data.normalizers import Normalizer, normalizer_from_state
 from cleandiff_rl.data.torch_datasets import TransitionDataset
-from cleandiff_rl.diffusion.model import DiffusionModel
+from cleandiff_rl.diffusion.model import DiffusionModel, check_temperature
 from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.utils import atomic_save, finite_floats, load_checkpoint, resolve_device
 
@@ -215,9 +215,7 @@ class Agent(nn.Module):
         if temperature is not None:
             if not hasattr(self.config, "temperature"):
                 raise ValueError(f"{self.name} policy has no sampling temperature")
-            if not temperature >= 0:
-                raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-            self.config.temperature = float(temperature)
+            self.config.temperature = check_temperature(temperature)
         if solver is not None:
             get_solver(solver)  # unknown names fail here, not at the first action
             self.solver = solver

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm import trange
 
-from cleandiff_rl.diffusion.model import DiffusionModel
+from cleandiff_rl.diffusion.model import DiffusionModel, check_temperature
 from cleandiff_rl.diffusion.solvers import get_solver
 
 
@@ -39,8 +39,7 @@ def distill(teacher: DiffusionModel, conditions: Callable[[int], Tensor], x_shap
     temperature: the scale of the initial noise distilled on (the one the policy acts at; 0: its mode alone).
     writer: a SummaryWriter for `distill/loss`. Returns the student, its EMA copy set to its final weights.
     """
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    check_temperature(temperature)
     if get_solver(teacher_solver).stochastic:
         raise ValueError(f"the teacher's map must be deterministic; {teacher_solver!r} is a stochastic solver")
     student = copy.deepcopy(teacher, memo={id(teacher.optimizer): None})  # not the teacher's Adam state

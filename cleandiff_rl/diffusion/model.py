@@ -21,6 +21,13 @@ from cleandiff_rl.utils import finite_floats, optimizer_step, resolve_device
 PREDICTIONS = ("eps", "x0", "v")
 
 
+def check_temperature(temperature: float) -> float:
+    """`temperature`, the scale of `DiffusionModel.sample`'s initial noise, as a float; a negative one is an error."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    return float(temperature)
+
+
 def _min_snr(alpha: Tensor, sigma: Tensor, predict: str, gamma: float = 5.0) -> Tensor:
     snr = (alpha / sigma) ** 2
     return snr.clamp(max=gamma) / (snr if predict == "eps" else 1.0)

@@ -108,8 +108,14 @@ class Agent(nn.Module):
 
     @property
     def batches_per_step(self) -> int:
-        """How many batches of `batch_size` one `train_step` takes, stacked into one (IDQL's critic updates)."""
+        """How many batches of `batch_size` one `train_step` takes, stacked into one (IDQL's critic updates,
+        Diffusion-QL's BC steps)."""
         return 1
+
+    def split_batches(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """`train_step`'s stacked batch as its `batches_per_step` batches."""
+        split = {key: value.chunk(self.batches_per_step) for key, value in batch.items()}
+        return [{key: parts[i] for key, parts in split.items()} for i in range(self.batches_per_step)]
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module's hook behind .to() / .cuda() / .cpu())
         super()._apply(fn, recurse)

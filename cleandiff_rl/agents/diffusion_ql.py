@@ -113,8 +113,7 @@ class DiffusionQL(RankedCandidates, Agent):
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         cfg = self.config
-        split = {key: value.chunk(self.batches_per_step) for key, value in batch.items()}  # `batches_per_step`, stacked
-        batch, *bc_batches = [{key: parts[i] for key, parts in split.items()} for i in range(self.batches_per_step)]
+        batch, *bc_batches = self.split_batches(batch)
         obs, act, next_obs = batch["obs"], batch["act"], batch["next_obs"]
         self.actor.model.train()
 

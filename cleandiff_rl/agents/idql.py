@@ -125,8 +125,7 @@ class IDQL(RankedCandidates, Agent):
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         cfg = self.config
-        split = {key: value.chunk(cfg.critic_updates) for key, value in batch.items()}  # `batches_per_step`, stacked
-        chunks = [{key: parts[i] for key, parts in split.items()} for i in range(cfg.critic_updates)]
+        chunks = self.split_batches(batch)
         for part in chunks:
             obs, act = part["obs"], part["act"]
 

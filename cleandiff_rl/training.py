@@ -140,6 +140,16 @@ def new_agent(algo_cls: type[Agent], params: dict, minari_dataset: Any, data: An
     return agent
 
 
+def wall_budget(max_minutes: Any) -> float | None:
+    """`max_minutes` (a training's wall-clock budget) in seconds; None for none. One clear error for
+    anything else than a number > 0, from train and from the suite before it starts any."""
+    if max_minutes is None:
+        return None
+    if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or max_minutes <= 0:
+        raise ValueError(f"max_minutes={max_minutes}: a wall-clock budget per training is a number > 0 (null: none)")
+    return 60.0 * float(max_minutes)
+
+
 def train(cfg: DictConfig) -> Path:
     """Train (or resume) the policy `cfg` describes; return the path of the final checkpoint.
 
@@ -156,16 +166,12 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
     world, lead = world_size(), rank() == 0  # lead: the one process that writes and evaluates
     if int(cfg.batch_size) % world:
         raise ValueError(f"batch_size={cfg.batch_size} (the global batch) must be divisible by the {world} processes")
-    try:
-        limit = None if cfg.max_minutes is None else 60.0 * float(cfg.max_minutes)  # seconds of wall time
-        keep = int(cfg.keep_checkpoints)
-    except (TypeError, ValueError):  # TypeError: keep_checkpoints=null
-        raise ValueError(f"max_minutes={cfg.max_minutes} and keep_checkpoints={cfg.keep_checkpoints} must be numbers "
-                         "(null: no time limit)") from None
-    if limit is not None and (limit <= 0 or world > 1):
-        raise ValueError(f"max_minutes={cfg.max_minutes}: a wall-clock budget must be > 0 and is for one process "
+    limit = wall_budget(cfg.max_minutes)
+    if limit is not None and world > 1:
+        raise ValueError(f"max_minutes={cfg.max_minutes}: a wall-clock budget is for one process "
                          "(under torchrun the ranks would have to agree when to stop)")
-    if keep < 1:
+    keep = cfg.keep_checkpoints
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep_checkpoints={keep}: 1 keeps checkpoint.pt alone, N > 1 the N latest besides")
     graphs = device.type == "cuda" and bool(cfg.cuda_graph)
     if cfg.compile and graphs:

@@ -40,7 +40,7 @@ from cleandiff_rl.data.builder import build_datasets
 from cleandiff_rl.data.registry import build_command, datasets_root, parse_id, task_of
 from cleandiff_rl.evaluation import evaluate_checkpoint, return_statistics
 from cleandiff_rl.launching import Logged, current_launcher, launch, launcher_name, override
-from cleandiff_rl.training import CONFIG_DIR, compose_config, train
+from cleandiff_rl.training import CONFIG_DIR, compose_config, train, wall_budget
 from cleandiff_rl.utils import atomic_write, load_checkpoint, write_csv
 from cleandiff_rl.utils.cli import user_errors
 
@@ -322,8 +322,7 @@ def main(cfg: DictConfig) -> None:
             raise ValueError(f"the suite preset {cfg.suite_name!r} sets no budget for {algo!r} (steps.{algo})")
     if not isinstance(cfg.checkpoints, int) or cfg.checkpoints < 1:
         raise ValueError(f"checkpoints={cfg.checkpoints}: the suite evaluates the last N >= 1 checkpoints")
-    if cfg.max_minutes is not None and (not isinstance(cfg.max_minutes, (int, float)) or cfg.max_minutes <= 0):
-        raise ValueError(f"max_minutes={cfg.max_minutes}: a wall-clock budget per training is a number > 0 (null: none)")
+    wall_budget(cfg.max_minutes)
     episode_shares(cfg)  # episodes split evenly over the checkpoints, checked before anything runs
     datasets = resolve_datasets(list(cfg.datasets))
     out = Path(cfg.run_dir)

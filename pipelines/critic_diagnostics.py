@@ -46,9 +46,9 @@ def candidate_q(policy: CriticPolicy, obs: np.ndarray, seed: int) -> tuple[np.nd
     generator = torch.Generator(policy.device).manual_seed(seed)
     with torch.no_grad():
         obs_t = policy.obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=policy.device))
-        if isinstance(policy, FQL):  # its one-step actor's candidates, rated by its critics (scored here for n = 1)
-            candidates, q1, q2 = policy.candidates(obs_t, n, generator)
-            q = critic_q(policy, obs_t, candidates) if n == 1 else (q1 + q2) / 2
+        if isinstance(policy, FQL):  # its one-step actor's candidates, rated by its critics
+            candidates, _, _ = policy.candidates(obs_t, n, generator)
+            q = critic_q(policy, obs_t.repeat_interleave(n, 0), candidates)
         else:
             _, candidates, q = policy.candidates(obs_t, policy.solver, policy.steps, generator)
     actions = policy.unnormalize_action(candidates).cpu().numpy().reshape(-1, n, policy.act_dim)

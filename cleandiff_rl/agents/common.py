@@ -179,14 +179,15 @@ class RankedCandidates:
     The agent provides `candidates(obs, solver, steps, generator) -> (obs repeated, actions, min Q)` and
     `critic_target` (or its own `_probe_candidates(obs, solver, steps, generator) -> (score, q1, q2)`, each
     `(b * num_candidates,)`), `auto_selection` (how `auto` selects), `selections` (its other ways) and its
-    config `num_candidates`, `temperature`, `rank_threshold`. `_auto_choice` names the acting `auto` takes
-    either way: as written here, that of a diffusion actor (its mode: one ODE sample from zero noise, as
-    `behavior_mode` draws it).
+    config `num_candidates`, `temperature`, `rank_threshold`, `selection_temperature`. `_auto_choice` names
+    the acting `auto` takes either way and `_act` acts so: as written here, those of a diffusion actor
+    `actor` (its mode: one ODE sample from zero noise, as `behavior_mode` draws it); FQL overrides both.
     """
 
     added_state: ClassVar[tuple[str, ...]] = ("probe_obs",)
     auto_selection: ClassVar[str]  # how `selection: auto` selects where the critics rank candidates
     selections: ClassVar[tuple[str, ...]]  # the agent's own ways to select, beside `auto` and `mode`
+    mode_name: ClassVar[str] = "actor's mode"  # how the `acting` log names acting at the mode
 
     @classmethod
     def check_selection(cls, selection: str) -> None:
@@ -259,3 +260,29 @@ class RankedCandidates:
         if selects:
             return {"selection": self.auto_selection}
         return {"solver": mode_solver(self.solver), "temperature": 0.0, "num_candidates": 1}
+
+    @property
+    def acts_with_ema(self) -> bool:
+        """Whether acting samples the EMA actor: always, unless the config's `act_with_ema` (Diffusion-QL's) says not."""
+        return getattr(self.config, "act_with_ema", True)
+
+    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
+        """A diffusion actor's acting: its mode (`acts_at_mode`), else one of `num_candidates` samples picked
+        by `select` on `_selection_scores` of their Q."""
+        cfg = self.config
+        at_mode, why = self.acts_at_mode(solver, steps)
+        if at_mode:
+            mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
+                                           use_ema=self.acts_with_ema, generator=generator)
+            self.last_sample_log = {**log, "acting": f"{self.mode_name} ({ode}, T=0; {why})"}
+            return mode
+        obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
+        selection = self.auto_selection if cfg.selection == "auto" else cfg.selection
+        if why:
+            self.last_sample_log["acting"] = f"{selection} Q of {cfg.num_candidates} ({why})"
+        return select(actions, self._selection_scores(obs_rep, q), cfg.num_candidates, selection,
+                      cfg.selection_temperature, generator)
+
+    def _selection_scores(self, obs_rep: Tensor, q: Tensor) -> Tensor:
+        """What `select` draws the candidates by: their Q (IDQL's expectile selection: its weights)."""
+        return q

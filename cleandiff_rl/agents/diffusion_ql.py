@@ -38,10 +38,8 @@ from cleandiff_rl.agents.common import (
     DiffusionActorConfig,
     RankedCandidates,
     TwinQ,
-    behavior_mode,
     diffusion_actor,
     sample_candidates,
-    select,
 )
 from cleandiff_rl.utils import optimizer_step, soft_update
 
@@ -152,19 +150,5 @@ class DiffusionQL(RankedCandidates, Agent):
         cfg = self.config
         obs_rep, actions, self.last_sample_log = sample_candidates(
             self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, temperature=cfg.temperature,
-            use_ema=cfg.act_with_ema, generator=generator)
+            use_ema=self.acts_with_ema, generator=generator)
         return obs_rep, actions, self.critic_target.q_min(obs_rep, actions)
-
-    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
-        cfg = self.config
-        at_mode, why = self.acts_at_mode(solver, steps)
-        if at_mode:
-            mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
-                                           use_ema=cfg.act_with_ema, generator=generator)
-            self.last_sample_log = {**log, "acting": f"actor's mode ({ode}, T=0; {why})"}
-            return mode
-        _, actions, q = self.candidates(obs, solver, steps, generator)
-        if why:
-            self.last_sample_log["acting"] = f"softmax Q of {cfg.num_candidates} ({why})"
-        selection = self.auto_selection if cfg.selection == "auto" else cfg.selection
-        return select(actions, q, cfg.num_candidates, selection, cfg.selection_temperature, generator)

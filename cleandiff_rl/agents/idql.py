@@ -42,10 +42,8 @@ from cleandiff_rl.agents.common import (
     RANK_THRESHOLD,
     RankedCandidates,
     TwinQ,
-    behavior_mode,
     diffusion_actor,
     sample_candidates,
-    select,
 )
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
@@ -88,6 +86,7 @@ class IDQL(RankedCandidates, Agent):
     ema_models = ("actor",)
     auto_selection = "argmax"  # the released code's evaluation
     selections = SELECTIONS
+    mode_name = "behavior mode"
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | IDQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -165,20 +164,8 @@ class IDQL(RankedCandidates, Agent):
             generator=generator)
         return obs_rep, actions, self.critic_target.q_min(obs_rep, actions)
 
-    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
-        cfg = self.config
-        at_mode, why = self.acts_at_mode(solver, steps)
-        if at_mode:
-            mode, log, ode = behavior_mode(self.actor, obs, self.act_dim, solver=solver, steps=steps,
-                                           generator=generator)
-            self.last_sample_log = {**log, "acting": f"behavior mode ({ode}, T=0; {why})"}
-            return mode
-        obs_rep, actions, q = self.candidates(obs, solver, steps, generator)
-        if why:
-            self.last_sample_log["acting"] = f"argmax Q of {cfg.num_candidates} ({why})"
-        if cfg.selection == "expectile":
-            scores = expectile_weights(q - self.value(obs_rep).squeeze(-1), cfg.expectile)
-        else:
-            scores = q
-        selection = self.auto_selection if cfg.selection == "auto" else cfg.selection
-        return select(actions, scores, cfg.num_candidates, selection, cfg.selection_temperature, generator)
+    def _selection_scores(self, obs_rep: Tensor, q: Tensor) -> Tensor:
+        """Q, or with `selection: expectile` the implicit policy's weights of the advantage Q - V."""
+        if self.config.selection != "expectile":
+            return q
+        return expectile_weights(q - self.value(obs_rep).squeeze(-1), self.config.expectile)

@@ -670,7 +670,8 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
     names = ["test_hopper_random-v0", "test_hopper_medium-v0"]
     assert [(r["dataset"], r["label"]) for r in rows] == [
         *((name, "dataset average") for name in names),
-        *((name, label) for name in names for label in ("diffusion_bc", "diffusion_bc (ddim_T0)")),
+        *((name, label) for name in names for label in ("diffusion_bc", "diffusion_bc (ddim_T0)",
+                                                             "diffusion_bc (ddpm_T1)")),
         *((name, "bc") for name in names)]
     for name, dataset_id in zip(names, [hopper_random, "test/hopper/medium-v0"]):
         data = read_episodes(dataset_id)
@@ -683,7 +684,9 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
     assert len((out / "results.csv").read_text().splitlines()) == 1 + len(rows)
     assert (out / "scores.png").stat().st_size > 10_000 and any((out / "tb").iterdir())
     done = sorted([*out.glob("*/*/checkpoint.pt"), *out.glob("*/*/evaluations/*/evaluation.json")])
-    assert len(done) == 4 + 6
+    assert len(done) == 4 + 8
+    # the medium-expert tasks' acting is the default's here: its evaluation, not a second one
+    assert [r["same_as_default"] for r in rows if r["label"] == "diffusion_bc (ddpm_T1)"] == [True, True]
     assert all((path.parent / "log.txt").is_file() for path in done)  # each training and evaluation logs beside it
     written = [path.stat().st_mtime_ns for path in done]
     subprocess.run(command, check=True, env=env, capture_output=True)

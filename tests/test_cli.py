@@ -52,21 +52,29 @@ def test_a_train_run_is_named_after_its_dataset():
 
 
 def test_per_task_acting_and_diffusion_qls_q_term():
-    """Per-task acting and eta (docs/measurements.md, sessions 20-24): Diffusion-QL and IDQL decide their acting
-    by `auto` on every task, Diffusion-QL at its own higher rank threshold; FQL acts at its mode on
-    medium-expert. Diffusion-QL's Q term weighs 0.25 on medium-expert and walker2d medium, elsewhere the paper's 1;
+    """Per-task acting and eta (docs/measurements.md, sessions 20-28): Diffusion-QL decides its acting by `auto`
+    on every task, at its own higher rank threshold, and IDQL everywhere but on medium-expert, where it takes
+    the argmax of 4 candidates; FQL and Diffusion BC act at their mode on medium-expert (Diffusion BC
+    elsewhere: one DDPM sample at temperature 1). Diffusion-QL's Q term weighs 0.25 on medium-expert and walker2d medium, elsewhere the paper's 1;
     its critic has LayerNorm on walker2d medium and medium-replay."""
     for env in ("hopper", "halfcheetah", "walker2d"):
         for level, fql_selection, eta in (("medium", "auto", 0.25 if env == "walker2d" else 1.0),
                                           ("medium-replay", "auto", 1.0), ("medium-expert", "mode", 0.25)):
-            for algo, selection, threshold in (("dql", "auto", 1.2), ("idql", "auto", 0.75), ("fql", fql_selection, 0.75)):
+            idql_selection = "argmax" if level == "medium-expert" else "auto"
+            for algo, selection, threshold in (("dql", "auto", 1.2), ("idql", idql_selection, 0.75),
+                                               ("fql", fql_selection, 0.75)):
                 cfg = compose_config([f"algo={algo}", f"task={env}-{level}"])
                 assert (cfg.algo.params.selection, cfg.algo.params.rank_threshold) == (selection, threshold)
                 if algo == "dql":
                     assert cfg.algo.params.eta == eta
                     assert cfg.algo.params.critic_layer_norm == (env == "walker2d" and level != "medium-expert")
+            idql = compose_config(["algo=idql", f"task={env}-{level}"]).algo.params
+            assert idql.num_candidates == (4 if level == "medium-expert" else 64)
+            dbc = compose_config(["algo=diffusion_bc", f"task={env}-{level}"]).algo.params
+            assert (dbc.solver, dbc.temperature) == (("ddim", 0.0) if level == "medium-expert" else ("ddpm", 1.0))
     assert compose_config(["algo=idql", "task=hopper-medium-expert", "algo.params.selection=argmax"]).algo.params.selection == "argmax"
     assert compose_config(["algo=fql", "dataset=test/hopper/random-v0"]).algo.params.selection == "auto"
+    assert compose_config(["algo=diffusion_bc", "dataset=test/hopper/random-v0"]).algo.params.temperature == 1.0
 
 
 def test_evaluate_and_sweep_folders_are_named_after_the_run():

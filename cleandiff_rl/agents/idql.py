@@ -20,7 +20,9 @@ critics' min Q as the score.
   ranking of a state's actions is noise (hopper medium and medium-expert: ratio 0.46 and 0.45,
   medium-replay 1.47), argmax lost 6 and 32 points to the mode (README).
 An agent without probe states (`prepare` never ran) acts by argmax. `selection: mode` always acts at the
-mode (on every medium-expert build so far `auto` chose it: ratios 0.45-0.56).
+mode. On medium-expert `auto` took the mode on every build (ratios 0.45-0.63), and there the mode and the
+argmax of 64 each lost 9-40 points on some build; the medium-expert tasks act by the argmax of 4
+(configs/algo/idql.yaml), which beat the mode and BC on every build measured.
 `selection: expectile` resamples with the expectile weights (the paper's; see `expectile_weights`);
 `argmax` and `softmax` always select among the candidates.
 Rewards are scaled by 1000 / (max - min episode return) of the dataset, as in the original.

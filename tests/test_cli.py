@@ -55,7 +55,8 @@ def test_per_task_acting_and_diffusion_qls_q_term():
     """Per-task acting and eta (docs/measurements.md, sessions 20-28): Diffusion-QL decides its acting by `auto`
     on every task, at its own higher rank threshold, and IDQL everywhere but on medium-expert, where it takes
     the argmax of 4 candidates; FQL and Diffusion BC act at their mode on medium-expert (Diffusion BC
-    elsewhere: one DDPM sample at temperature 1). Diffusion-QL's Q term weighs 0.25 on medium-expert and walker2d medium, elsewhere the paper's 1;
+    elsewhere: one DDPM sample at temperature 1; on hopper and halfcheetah medium-expert it takes 3 extra
+    denoising steps per update). Diffusion-QL's Q term weighs 0.25 on medium-expert and walker2d medium, elsewhere the paper's 1;
     its critic has LayerNorm on walker2d medium and medium-replay."""
     for env in ("hopper", "halfcheetah", "walker2d"):
         for level, fql_selection, eta in (("medium", "auto", 0.25 if env == "walker2d" else 1.0),
@@ -72,6 +73,7 @@ def test_per_task_acting_and_diffusion_qls_q_term():
             assert idql.num_candidates == (4 if level == "medium-expert" else 64)
             dbc = compose_config(["algo=diffusion_bc", f"task={env}-{level}"]).algo.params
             assert (dbc.solver, dbc.temperature) == (("ddim", 0.0) if level == "medium-expert" else ("ddpm", 1.0))
+            assert dbc.bc_updates == (3 if level == "medium-expert" and env != "walker2d" else 0)
     assert compose_config(["algo=idql", "task=hopper-medium-expert", "algo.params.selection=argmax"]).algo.params.selection == "argmax"
     assert compose_config(["algo=fql", "dataset=test/hopper/random-v0"]).algo.params.selection == "auto"
     assert compose_config(["algo=diffusion_bc", "dataset=test/hopper/random-v0"]).algo.params.temperature == 1.0

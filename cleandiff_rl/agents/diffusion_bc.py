@@ -4,6 +4,11 @@ pi(a | s) is learned by denoising score matching on the dataset's (s, a) pairs a
 Diffusion Policy (Chi et al. 2023) for low-dimensional states, and exactly the "Diffusion-BC"
 baseline of the Diffusion-QL paper (Wang et al. 2023): Diffusion-QL's actor without its Q term.
 Acting draws one action per state.
+
+Per update: 1 + `bc_updates` denoising steps, each on a batch of its own (the original: one). Hopper and
+halfcheetah medium-expert take 3, as Diffusion-QL's actor does on medium-expert: the MLP underfits that data
+at a CPU budget's updates, and a step costs a few ms. Not walker2d medium-expert, where the better-fitted
+model's mode fell below BC (docs/measurements.md, session 29).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from cleandiff_rl.agents.common import DiffusionActorConfig, diffusion_actor
 class DiffusionBCConfig(DiffusionActorConfig):
     """Diffusion-QL's actor settings (see `DiffusionActorConfig`), so BC vs QL isolates the Q term."""
 
+    bc_updates: int = 0  # extra denoising steps per update, each on its own batch (Diffusion-QL's `bc_updates`)
+
 
 class DiffusionBC(Agent):
     name = "diffusion_bc"
@@ -32,13 +39,26 @@ class DiffusionBC(Agent):
         cfg = self.config
         self.actor = diffusion_actor(cfg, act_dim, obs_dim, device=self.device)
 
+    @classmethod
+    def check_config(cls, cfg: DiffusionBCConfig) -> None:
+        if cfg.bc_updates < 0:
+            raise ValueError(f"bc_updates must be >= 0, got {cfg.bc_updates}")
+
+    @property
+    def batches_per_step(self) -> int:
+        return 1 + self.config.bc_updates
+
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer}
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         self.actor.model.train()
-        loss = self.actor.loss(batch["act"], batch["obs"])
-        return {"actor/bc_loss": loss.detach(), "actor/grad_norm": self.actor.optimize(loss)}
+        losses, grad_norms = [], []
+        for part in self.split_batches(batch):
+            loss = self.actor.loss(part["act"], part["obs"])
+            grad_norms.append(self.actor.optimize(loss))
+            losses.append(loss.detach())
+        return {"actor/bc_loss": torch.stack(losses).mean(), "actor/grad_norm": torch.stack(grad_norms).mean()}
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         prior = obs.new_zeros(obs.shape[0], self.act_dim)

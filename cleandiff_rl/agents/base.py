@@ -109,7 +109,7 @@ class Agent(nn.Module):
     @property
     def batches_per_step(self) -> int:
         """How many batches of `batch_size` one `train_step` takes, stacked into one (IDQL's critic updates,
-        Diffusion-QL's BC steps)."""
+        Diffusion-QL's and Diffusion BC's extra denoising steps)."""
         return 1
 
     def split_batches(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:

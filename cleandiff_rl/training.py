@@ -30,6 +30,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
@@ -83,12 +84,22 @@ def register_configs() -> None:
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
-    """Compose a config from configs/ without the command line (quickstart, benchmarks, tests)."""
+    """Compose a config from configs/ without the command line (quickstart, benchmarks, tests); a bad
+    override raises a one-line ValueError (what `user_errors` reports)."""
     register_configs()
-    if GlobalHydra.instance().is_initialized():  # inside a @hydra.main pipeline, whose search path is configs/
-        return compose(config_name, overrides=overrides or [])
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name, overrides=overrides or [])
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a @hydra.main pipeline, whose search path is configs/
+            return compose(config_name, overrides=overrides or [])
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name, overrides=overrides or [])
+    except (ConfigCompositionException, MissingConfigException) as error:
+        cause = f" ({str(error.__cause__).splitlines()[0]})" if error.__cause__ else ""
+        raise ValueError(f"{str(error).splitlines()[0]}{cause}") from error
+
+
+def params_overrides(params: Any, algo: str) -> list[str]:
+    """A pipeline's `params` (algorithm -> extra algo.params) for `algo`, as train.py overrides."""
+    return [f"algo.params.{key}={value}" for key, value in (params.get(algo) or {}).items()]
 
 
 def dataset_env_id(dataset: Any) -> str:

@@ -40,7 +40,7 @@ from cleandiff_rl.data.builder import build_datasets
 from cleandiff_rl.data.registry import build_command, datasets_root, parse_id, task_of
 from cleandiff_rl.evaluation import evaluate_checkpoint, return_statistics
 from cleandiff_rl.launching import Logged, current_launcher, launch, launcher_name, override
-from cleandiff_rl.training import CONFIG_DIR, compose_config, train, wall_budget
+from cleandiff_rl.training import CONFIG_DIR, compose_config, params_overrides, train, wall_budget
 from cleandiff_rl.utils import atomic_write, load_checkpoint, write_csv
 from cleandiff_rl.utils.cli import user_errors
 
@@ -128,7 +128,7 @@ def algo_overrides(cfg: DictConfig, algo: str) -> list[str]:
     if batch_size is not None:
         overrides.append(f"batch_size={batch_size}")
     overrides += lr_overrides(algo, batch_size, cfg.lr_scaling)
-    return overrides + [f"algo.params.{key}={value}" for key, value in (cfg.params.get(algo) or {}).items()]
+    return overrides + params_overrides(cfg.params, algo)
 
 
 def train_job(dataset: Dataset, overrides: list[str], run_dir: Path) -> list[str]:

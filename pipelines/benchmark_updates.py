@@ -8,6 +8,10 @@ compiled networks and the same networks run eagerly (`torch.compiler.set_stance(
 fast paths on in both. Blocks of updates alternate between the two settings on the same agent, and
 the table reports the fastest block of each, so a change in machine load between measurements does
 not bias the ratio.
+
+Each algorithm runs at its `task`'s settings (configs/task), on the task's dataset or on `dataset`, with
+`params` on top (as benchmark_suite's, e.g. the CPU preset's `+params.fql.hidden_dim=256`); results.json
+records every row's dataset and algorithm parameters.
 """
 
 from __future__ import annotations
@@ -24,18 +28,19 @@ from omegaconf import DictConfig, OmegaConf
 from cleandiff_rl.agents import get_algorithm
 from cleandiff_rl.agents.base import make_config
 from cleandiff_rl.data import load_dataset
-from cleandiff_rl.training import compose_config, dataset_env_id, new_agent
-from cleandiff_rl.utils import fast_paths, resolve_device, seed_everything
+from cleandiff_rl.training import compose_config, dataset_env_id, new_agent, params_overrides
+from cleandiff_rl.utils import atomic_write, fast_paths, resolve_device, seed_everything
 from cleandiff_rl.utils.cli import user_errors
 
 
 def time_updates(algo: str, cfg: DictConfig, device: torch.device) -> dict:
     """ms per update (train_step + after_step) of `algo` at its configured batch size, fast paths on and off
     (`cfg.compile`: compiled networks and eager ones; the first update's seconds, compiling, too)."""
-    train_cfg = compose_config([f"algo={algo}", f"dataset={cfg.dataset}"])
+    train_cfg = compose_config([f"algo={algo}", f"task={cfg.task.name}", *params_overrides(cfg.params, algo)]
+                               + ([] if cfg.dataset is None else [f"dataset={cfg.dataset}"]))
     algo_cls = get_algorithm(algo)
     params = OmegaConf.to_container(train_cfg.algo.params, resolve=True)
-    minari_dataset = load_dataset(cfg.dataset)
+    minari_dataset = load_dataset(train_cfg.dataset)
     data = algo_cls.training_data(minari_dataset, make_config(algo_cls.Config, params), device=device)
     agent = new_agent(algo_cls, params, minari_dataset, data, env_id=dataset_env_id(minari_dataset), device=device)
     data.map_actions(agent.normalize_action)
@@ -73,7 +78,7 @@ def time_updates(algo: str, cfg: DictConfig, device: torch.device) -> dict:
     if cfg.compile:
         row = {"algo": algo, "batch_size": batch_size, "ms_compiled": row["ms_fast"], "ms_eager": row["ms_default"],
                "speedup": row["speedup"], "compile_seconds": compile_seconds}
-    return row
+    return {**row, "dataset": train_cfg.dataset, "params": params}
 
 
 @hydra.main(config_path="../configs", config_name="benchmark_updates", version_base="1.3")
@@ -92,11 +97,9 @@ def main(cfg: DictConfig) -> None:
         print(f"{row['algo']:<20}{row['batch_size']:>7}{row[fast]:>20.1f}{row[slow]:>10.1f}"
               f"{row['speedup']:>8.2f}x{1e3 / row[fast]:>11.1f}"
               + (f"{row['compile_seconds']:>11.1f}" if cfg.compile else ""))
-    out = Path(cfg.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"dataset": cfg.dataset, "device": str(device),
-                                                  "compile": bool(cfg.compile), "rows": rows}, indent=2))
-    print(f"\nresults: {out / 'results.json'}")
+    results = {"task": cfg.task.name, "device": str(device), "compile": bool(cfg.compile), "rows": rows}
+    path = atomic_write(Path(cfg.run_dir) / "results.json", lambda f: json.dump(results, f, indent=2))
+    print(f"\nresults: {path}")
 
 
 if __name__ == "__main__":

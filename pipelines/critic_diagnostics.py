@@ -47,8 +47,8 @@ def candidate_q(policy: CriticPolicy, obs: np.ndarray, seed: int) -> tuple[np.nd
     with torch.no_grad():
         obs_t = policy.obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=policy.device))
         if isinstance(policy, FQL):  # its one-step actor's candidates, rated by its critics
-            candidates, _, _ = policy.candidates(obs_t, n, generator)
-            q = critic_q(policy, obs_t.repeat_interleave(n, 0), candidates)
+            candidates, q1, q2 = policy.candidates(obs_t, n, generator)  # both critics' Q, unless n is 1
+            q = critic_q(policy, obs_t.repeat_interleave(n, 0), candidates) if q1 is None else (q1 + q2) / 2
         else:
             _, candidates, q = policy.candidates(obs_t, policy.solver, policy.steps, generator)
     actions = policy.unnormalize_action(candidates).cpu().numpy().reshape(-1, n, policy.act_dim)

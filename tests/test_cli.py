@@ -32,6 +32,8 @@ def run(tmp_path: Path, script: str, *overrides: str) -> subprocess.CompletedPro
     ("sweep", ["checkpoint=missing.pt"], "error: checkpoint not found: missing.pt"),
     ("toy2d", ["model.predict=v", "model.time=discrete", "train.steps=1"], "error: predict='v' (the velocity"),
     ("solver_convergence", ["settings=[[discrete,flow,uniform]]"], "error: the 'flow' schedule is continuous-time only"),
+    ("benchmark_updates", ["dataset=test/hopper/random-v0", "algos=[fql]", "+params.fql.hidden=32"],
+     "error: Could not override 'algo.params.hidden'. (Key 'hidden' not in 'FQLConfig')"),
 ])
 def test_user_errors_are_one_message_and_write_nothing(tmp_path, monkeypatch, script, overrides, message):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
@@ -42,6 +44,24 @@ def test_user_errors_are_one_message_and_write_nothing(tmp_path, monkeypatch, sc
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(message) and "Traceback" not in done.stderr, done.stderr
     assert sorted(tmp_path.rglob("*")) == before  # no runs/, no Hydra folders or logs, nothing in the Minari root
+
+
+def test_benchmark_updates_times_each_algorithm_at_its_task_settings_and_params(tmp_path, monkeypatch):
+    """The task's per-algorithm settings and the command's `params` reach the timed agent, and
+    results.json records them."""
+    import json
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    random_dataset("test/hopper/random-v0", n_steps=300)
+    done = run(tmp_path, "benchmark_updates", "task=walker2d-medium-replay", "dataset=test/hopper/random-v0",
+               "algos=[fql,dql]", "+params.fql.hidden_dim=16", "+params.dql.hidden_dim=16", "+params.dql.critic_hidden=16",
+               "blocks=1", "block_updates=2", "batch_size=32")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "runs/benchmark_updates/results.json").read_text())["rows"]
+    fql, dql = rows
+    assert fql["params"]["hidden_dim"] == 16 and fql["params"]["alpha"] == 3.0  # walker2d medium-replay's alpha
+    assert dql["params"]["critic_layer_norm"] is True and dql["params"]["critic_hidden"] == 16
+    assert fql["dataset"] == "test/hopper/random-v0" and fql["batch_size"] == 32 and fql["ms_fast"] > 0
 
 
 def test_a_train_run_is_named_after_its_dataset():

@@ -213,6 +213,21 @@ def test_fql_distils_the_flow_into_a_one_step_actor_that_acts_in_one_call(minari
     assert np.allclose(picked, best.numpy(), atol=1e-6) and q.std(-1).min() > 0
 
 
+def test_fql_distillation_pulls_back_an_actor_output_outside_the_action_box():
+    """The clip to [-1, 1] passes no gradient outside the box, so FQL distils the actor's unclipped output
+    (as the original): an actor whose output has left the box is still pulled back toward its teacher."""
+    torch.manual_seed(0)
+    agent = get_algorithm("fql")(4, 1, {**SMALL["fql"], "alpha": 100.0}, device="cpu")
+    with torch.no_grad():
+        agent.actor[-1].bias.fill_(5.0)  # every mu(s, z) far above the box, where Q sees 1.0
+    batch = {"obs": torch.randn(64, 4), "act": torch.rand(64, 1) * 2 - 1, "rew": torch.randn(64),
+             "next_obs": torch.randn(64, 4), "terminal": torch.zeros(64)}
+    before = agent.actor[-1].bias.item()
+    for _ in range(5):
+        agent.update(batch)
+    assert agent.actor[-1].bias.item() < before - 4 * agent.config.lr, (before, agent.actor[-1].bias.item())
+
+
 def test_fql_checkpoint_sweeps_its_flow_policy_and_a_rerun_replaces_the_sweep_logs(hopper_random, tmp_path):
     """An FQL checkpoint acts in one step (evaluate: nfe 1); the sweep needs `acting: flow` (refused without
     it, writing nothing) and then counts the flow's calls; sweeping again into the same folder leaves one TensorBoard event file."""

@@ -9,7 +9,9 @@ Per update (seohongpark/fql, agents/fql.py):
 3. One-step actor mu(s, z): alpha * |mu(s, z) - flow(s, z)|^2 - Q(s, mu(s, z)), where flow(s, z) runs
    the BC flow's ODE from the same noise z (`sampling_steps` Euler steps: DDIM on the flow schedule),
    without gradient, and Q is the mean of the two critics (divided by its batch mean |Q| with
-   `normalize_q_loss`). Actions are clipped to [-1, 1] wherever they are used.
+   `normalize_q_loss`). The distillation term reads the actor's unclipped output, as the original's
+   does, so an output outside [-1, 1] (where the clip passes no gradient) is still pulled back to the
+   teacher; the critics, the targets and acting see actions clipped to [-1, 1].
 4. Target critic: Polyak averaging with tau = 0.005.
 The original sums the three losses and takes one Adam step; their parameters are disjoint, so separate
 Adam steps give the same update, except that here the critic steps first and the actor's Q term sees
@@ -151,8 +153,9 @@ class FQL(RankedCandidates, Agent):
         with torch.no_grad():
             teacher, _ = self.flow.sample(torch.zeros_like(act), solver=cfg.solver, steps=cfg.sampling_steps,
                                           x_T=noise * self._sigma_start, condition_cfg=obs, use_ema=False)
-        action = self.one_step(obs, noise)
-        distill_loss = (action - teacher.clamp(-1.0, 1.0)).square().mean()
+        raw = self.actor(torch.cat([obs, noise], -1))
+        distill_loss = (raw - teacher.clamp(-1.0, 1.0)).square().mean()  # unclipped: pulls back what leaves the box
+        action = raw.clamp(-1.0, 1.0)
         self.critic.requires_grad_(False)  # the Q loss trains the actor only
         q1_pi, q2_pi = self.critic(obs, action)
         self.critic.requires_grad_(True)

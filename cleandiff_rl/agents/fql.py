@@ -123,9 +123,10 @@ class FQL(RankedCandidates, Agent):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"flow": self.flow.optimizer, "actor": self.actor_optimizer, "critic": self.critic_optimizer}
 
-    def one_step(self, obs: Tensor, noise: Tensor) -> Tensor:
-        """mu(s, z), clipped to the action box."""
-        return self.actor(torch.cat([obs, noise], -1)).clamp(-1.0, 1.0)
+    def one_step(self, obs: Tensor, noise: Tensor, clip: bool = True) -> Tensor:
+        """mu(s, z), clipped to the action box (`clip=False`: the raw output, which the distillation reads)."""
+        action = self.actor(torch.cat([obs, noise], -1))
+        return action.clamp(-1.0, 1.0) if clip else action
 
     def _q(self, critic: TwinQ, obs: Tensor, action: Tensor) -> Tensor:
         q1, q2 = critic(obs, action)
@@ -153,7 +154,7 @@ class FQL(RankedCandidates, Agent):
         with torch.no_grad():
             teacher, _ = self.flow.sample(torch.zeros_like(act), solver=cfg.solver, steps=cfg.sampling_steps,
                                           x_T=noise * self._sigma_start, condition_cfg=obs, use_ema=False)
-        raw = self.actor(torch.cat([obs, noise], -1))
+        raw = self.one_step(obs, noise, clip=False)
         distill_loss = (raw - teacher.clamp(-1.0, 1.0)).square().mean()  # unclipped: pulls back what leaves the box
         action = raw.clamp(-1.0, 1.0)
         self.critic.requires_grad_(False)  # the Q loss trains the actor only

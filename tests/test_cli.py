@@ -74,18 +74,22 @@ def test_a_train_run_is_named_after_its_dataset():
 def test_per_task_acting_and_diffusion_qls_q_term():
     """Per-task acting and eta (docs/measurements.md, sessions 20-28): Diffusion-QL decides its acting by `auto`
     on every task, at its own higher rank threshold, and IDQL everywhere but on medium-expert, where it takes
-    the argmax of 4 candidates; FQL and Diffusion BC act at their mode on medium-expert (Diffusion BC
+    the argmax of 4 candidates; FQL and Diffusion BC act at their mode on medium-expert, FQL at the best of 5
+    at half the noise on walker2d medium-replay (session 34) (Diffusion BC
     elsewhere: one DDPM sample at temperature 1; on hopper and halfcheetah medium-expert it takes 3 extra
     denoising steps per update). Diffusion-QL's Q term weighs 0.25 on medium-expert and walker2d medium, elsewhere the paper's 1;
     its critic has LayerNorm on walker2d medium and medium-replay."""
     for env in ("hopper", "halfcheetah", "walker2d"):
         for level, fql_selection, eta in (("medium", "auto", 0.25 if env == "walker2d" else 1.0),
-                                          ("medium-replay", "auto", 1.0), ("medium-expert", "mode", 0.25)):
+                                          ("medium-replay", "argmax" if env == "walker2d" else "auto", 1.0),
+                                          ("medium-expert", "mode", 0.25)):
             idql_selection = "argmax" if level == "medium-expert" else "auto"
             for algo, selection, threshold in (("dql", "auto", 1.2), ("idql", idql_selection, 0.75),
                                                ("fql", fql_selection, 0.75)):
                 cfg = compose_config([f"algo={algo}", f"task={env}-{level}"])
                 assert (cfg.algo.params.selection, cfg.algo.params.rank_threshold) == (selection, threshold)
+                if algo == "fql":  # walker2d medium-replay: the best of 5 at half the noise
+                    assert cfg.algo.params.temperature == (0.5 if (env, level) == ("walker2d", "medium-replay") else 1.0)
                 if algo == "dql":
                     assert cfg.algo.params.eta == eta
                     assert cfg.algo.params.critic_layer_norm == (env == "walker2d" and level != "medium-expert")

@@ -24,7 +24,8 @@ actor's mode, as IDQL and Diffusion-QL act at their actor's mode there. On hoppe
 1.76) best of 5 scored 24.3 against one action's 17.4; on medium-expert (ratio 0.65) mu(s, 0) scored
 78.2, one action at temperature 1 60.7 and best of 5 35.5.
 `selection: argmax` always takes the best of N, `mode` always mu(s, 0) (the medium-expert tasks' default,
-configs/task: there the ratio did not tell when selecting pays); `num_candidates: 1` is the paper's acting.
+configs/task: there the ratio did not tell when selecting pays); walker2d medium-replay takes the best of 5
+at temperature 0.5 (its task file); `num_candidates: 1` at temperature 1 is the paper's acting.
 `acting: flow` samples the BC flow policy instead, with any solver and steps (no critic): what a sweep
 compares.
 """

@@ -29,7 +29,7 @@ from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data.registry import reference_scores
 from cleandiff_rl.diffusion.solvers import CROSS_SOLVERS, get_solver
-from cleandiff_rl.utils import atomic_write, write_csv
+from cleandiff_rl.utils import atomic_write, format_table, write_csv
 
 if TYPE_CHECKING:  # matplotlib loads only for planner figures: it costs every pipeline ~1 s at startup
     from matplotlib.figure import Figure
@@ -144,7 +144,8 @@ def evaluate_checkpoint(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
-    policy = load_policy(str(cfg["checkpoint"]), cfg["device"], temperature=cfg["temperature"], threads=None)
+    policy = load_policy(str(cfg["checkpoint"]), cfg["device"], temperature=cfg["temperature"],
+                         selection=cfg.get("selection"))
     settings = cfg.get("settings") or {}
     settings = OmegaConf.to_container(settings) if isinstance(settings, DictConfig) else dict(settings)
     policy.with_settings(settings)
@@ -237,15 +238,16 @@ def sweep(policy: Agent, env_id: str | None = None, *, solvers: Sequence[str] = 
 
 def sweep_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tb_dir: str | os.PathLike, *,
                      device: str = "auto", env_id: str | None = None, temperature: float | None = None,
-                     settings: dict | None = None, **kwargs: Any) -> list[dict]:
+                     selection: str | None = None, settings: dict | None = None, **kwargs: Any) -> list[dict]:
     """Load a checkpoint and `sweep` it: tables in `out_dir`, TensorBoard scalars in `tb_dir`.
 
-    temperature: the initial-noise scale (None = the checkpoint's). settings: other act-time settings
+    temperature: the initial-noise scale (None = the checkpoint's). selection: the acting rule (None = the
+    checkpoint's, agents/acting.py). settings: other act-time settings
     (`Agent.with_settings`, e.g. {"acting": "flow"} to sweep FQL's flow policy). kwargs go to `sweep`
     (solvers, steps, episodes, seed, progress). A rerun into the same `tb_dir` replaces the previous
     sweep's TensorBoard scalars, as it replaces its tables.
     """
-    policy = load_policy(str(checkpoint), device, temperature=temperature, threads=None)  # the caller's threads
+    policy = load_policy(str(checkpoint), device, temperature=temperature, selection=selection)
     policy.with_settings(settings or {})
     _check_sweep(policy, env_id, kwargs.get("solvers", CROSS_SOLVERS), kwargs.get("steps", SWEEP_STEPS))
     for previous in Path(tb_dir).glob("events.out.tfevents.*"):
@@ -257,8 +259,19 @@ def sweep_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
         writer.close()
 
 
-def format_table(rows: list[dict]) -> str:
-    """A fixed-width table: solvers (rows) x steps (columns), cells "score ± se (nfe N)".
+def run_sweep(cfg: Mapping[str, Any]) -> list[dict]:
+    """Sweep the checkpoint of a `configs/sweep.yaml` config (`sweep_checkpoint`): tables in its run_dir,
+    TensorBoard in run_dir/tb. The sweep pipeline's job."""
+    settings = cfg.get("settings") or {}
+    settings = OmegaConf.to_container(settings) if isinstance(settings, DictConfig) else dict(settings)
+    return sweep_checkpoint(cfg["checkpoint"], cfg["run_dir"], Path(cfg["run_dir"]) / "tb", device=cfg["device"],
+                            env_id=cfg["env_id"], temperature=cfg["temperature"], selection=cfg.get("selection"),
+                            settings=settings, solvers=list(cfg["solvers"]), steps=list(cfg["steps"]),
+                            episodes=cfg["episodes"], seed=cfg["seed"])
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """A sweep's table: solvers (rows) x steps (columns), cells "score ± se (nfe N)", under a title line.
 
     Shows the normalized score when the rows have one, else the return; failed pairs read "error"
     and their messages follow the table.
@@ -271,15 +284,13 @@ def format_table(rows: list[dict]) -> str:
             cells[r["solver"], r["steps"]] = "error"
         elif r.get(f"{metric}_mean") is not None:
             cells[r["solver"], r["steps"]] = f"{r[f'{metric}_mean']:.1f} ± {r[f'{metric}_se']:.1f} (nfe {r['nfe']})"
-    width = max([len(c) for c in cells.values()] + [10]) + 2
-    name_width = max([len(str(r["solver"])) for r in rows] + [6]) + 2
     first = rows[0] if rows else {}
     title = "normalized score (x100)" if metric == "score" else "return"
     lines = [f"{title} ± standard error (network evaluations per action) on {first.get('env_id')}, "
              f"{first.get('episodes')} episodes",
-             f"{'solver':<{name_width}}" + "".join(f"{f'{n} steps':>{width}}" for n in steps_list)]
-    for solver in dict.fromkeys(r["solver"] for r in rows):
-        lines.append(f"{solver:<{name_width}}" + "".join(f"{cells.get((solver, n), '-'):>{width}}" for n in steps_list))
+             format_table(["solver", *(f"{n} steps" for n in steps_list)],
+                          [[solver, *(cells.get((solver, n), "-") for n in steps_list)]
+                           for solver in dict.fromkeys(r["solver"] for r in rows)])]
     if any(r.get("guidance_calls") for r in rows):
         lines.append("nfe includes one value-gradient call per guided denoising step")
     if any(r.get("cfg_batched") for r in rows):

@@ -4,8 +4,8 @@
 The benchmark suite needs more than a grid (each algorithm has its own overrides), so `launch` hands
 Hydra's launcher an explicit list of override lists. Whatever launcher the calling pipeline was given
 (`hydra/launcher=joblib`, `submitit_slurm`, `slurm`, `submitit_local`, ...) runs them, so one command
-scales from a laptop to a cluster. This uses Hydra 1.3's launcher interface (`Launcher.launch`), the one
-its sweepers call, and its `Callbacks` (private in 1.3), as its own multirun does.
+scales from a laptop to a cluster. This uses Hydra's public launcher interface (`Launcher.launch`), the
+one its sweepers call, and its public `Callback` interface for the callbacks a config names (`hydra.callbacks`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra import initialize_config_dir
-from hydra._internal.callbacks import Callbacks
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
+from hydra.experimental.callback import Callback
 from hydra.types import HydraContext, RunMode
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cleandiff_rl.training import CONFIG_DIR, register_configs
@@ -48,6 +49,22 @@ class Logged:
                 if new and [p.name for p in log.parent.iterdir()] == ["log.txt"]:
                     log.unlink()  # and `made_dirs` removes the folders
                 raise
+
+
+class JobCallbacks(Callback):
+    """The job callbacks a config names (`hydra.callbacks`), called in order at a job's start and in reverse at
+    its end, as Hydra's own multirun calls them; what a launcher's `HydraContext` needs."""
+
+    def __init__(self, config: DictConfig) -> None:
+        self.callbacks = [instantiate(node) for node in (config.hydra.get("callbacks") or {}).values()]
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        for callback in self.callbacks:
+            callback.on_job_start(config=config, **kwargs)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        for callback in reversed(self.callbacks):
+            callback.on_job_end(config=config, job_return=job_return, **kwargs)
 
 
 def current_launcher(cfg: DictConfig) -> DictConfig:
@@ -81,7 +98,8 @@ def launch(task: Callable[[DictConfig], Any], config_name: str, jobs: Sequence[S
         with open_dict(config.hydra):
             config.hydra.launcher = launcher
         instance = Plugins.instance().instantiate_launcher(
-            hydra_context=HydraContext(config_loader=loader, callbacks=Callbacks(config)), task_function=task,
+            hydra_context=HydraContext(config_loader=loader, callbacks=JobCallbacks(config)),  # type: ignore[arg-type]
+            task_function=task,
             config=config)
         returns = instance.launch([list(job) for job in jobs], initial_job_idx=0)
     return [job.return_value for job in returns]  # re-raises a failed job's exception

@@ -37,13 +37,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cleandiff_rl.agents import ALGORITHMS, Agent, get_algorithm
-from cleandiff_rl.agents.base import ACT_SETTINGS, make_config
+from cleandiff_rl.agents.acting import act_only_settings
+from cleandiff_rl.agents.base import make_config
 from cleandiff_rl.agents.planning import Planner
 from cleandiff_rl.data import load_dataset
 from cleandiff_rl.evaluation import evaluate, plan_figure
 from cleandiff_rl.utils import (CudaGraphStep, Preemption, barrier, exclusive_run_dir, finite_floats, keep_latest,
                                 load_checkpoint, mean_over_ranks, process_group, rank, rank_share, resolve_device,
                                 seed_everything, world_size)
+from cleandiff_rl.utils.cli import message as command_line_message
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the repository's configs/ links here
 
@@ -93,8 +95,7 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name, overrides=overrides or [])
     except (ConfigCompositionException, MissingConfigException) as error:
-        cause = f" ({str(error.__cause__).splitlines()[0]})" if error.__cause__ else ""
-        raise ValueError(f"{str(error).splitlines()[0]}{cause}") from error
+        raise ValueError(command_line_message(error)) from error  # the one line a pipeline prints
 
 
 def params_overrides(params: Any, algo: str) -> list[str]:
@@ -116,18 +117,22 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
     """The settings that shape a training (seed, batch size, every algorithm parameter but the act-only ones)
     in which a run's saved config and the current one differ, as 'key: saved -> current'; keys only one of
     them has are skipped (a parameter added since the checkpoint was written). Run-only settings (device,
-    threads, cuda_graph, compile, logging, evaluation) and `ACT_SETTINGS` are not compared: a run may resume
+    threads, cuda_graph, compile, logging, evaluation) and act-only settings are not compared: a run may resume
     with others."""
     def flat(config: dict) -> dict:
-        params = config.get("algo", {}).get("params", {})
+        algo, params = config.get("algo", {}), config.get("algo", {}).get("params", {})
+        acting = act_only_settings(ALGORITHMS[algo["name"]].Config) if algo.get("name") in ALGORITHMS else ()
         return {"seed": config.get("seed"), "batch_size": config.get("batch_size"),
-                **{f"algo.params.{k}": v for k, v in params.items() if k not in ACT_SETTINGS}}
+                **{f"algo.params.{k}": v for k, v in params.items() if k not in acting}}
     old, new = flat(saved), flat(current)
     return [f"{key}: {old[key]} -> {new[key]}" for key in sorted(old.keys() & new.keys()) if old[key] != new[key]]
 
 
 def _rng_state(generator: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all(), "numpy": np.random.get_state(),
+    """Every random stream's state as tensors and plain values (what a weights-only load reads)."""
+    name, keys, *rest = np.random.get_state()  # ('MT19937', uint32 array, position, has_gauss, cached_gaussian)
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest),
             "python": random.getstate(), "batches": generator.get_state()}
 
 
@@ -135,7 +140,8 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # keys: a tensor, or a numpy array in checkpoints written before
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     generator.set_state(state["batches"])
 
@@ -161,12 +167,26 @@ def wall_budget(max_minutes: Any) -> float | None:
     return 60.0 * float(max_minutes)
 
 
-def train(cfg: DictConfig) -> Path:
+def log_evaluation(writer: SummaryWriter, result: dict, step: int) -> str:
+    """Write an evaluation's mean score and return to TensorBoard at `step`; return its one-line summary."""
+    for key in ("score", "return"):
+        if result[f"{key}_mean"] is not None:
+            writer.add_scalar(f"eval/{key}", result[f"{key}_mean"], step)
+    score = f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""
+    return f"return {result['return_mean']:.1f} ± {result['return_se']:.1f}{score}"
+
+
+def train(cfg: DictConfig) -> Path | list[Path]:
     """Train (or resume) the policy `cfg` describes; return the path of the final checkpoint.
 
     Launched by torchrun, every rank calls this: it joins the process group (`process_group`) and trains
     its share of each global batch; every rank returns once rank 0 has written the final checkpoint.
+    With `seeds=[...]` or `ensemble=N`, the seeds train as one batched model (`cleandiff_rl.ensemble`) and
+    the N checkpoints' paths come back.
     """
+    if cfg.get("seeds") is not None or cfg.get("ensemble", 1) != 1:
+        from cleandiff_rl.ensemble import ensemble_seeds, train_ensemble  # it imports this module
+        return train_ensemble(cfg, ensemble_seeds(cfg))
     with process_group(resolve_device(cfg.device)) as device:
         with exclusive_run_dir(cfg.run_dir) if rank() == 0 else contextlib.nullcontext():  # one run per folder
             return _train(cfg, device)
@@ -197,6 +217,8 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
     env_id = cfg.env_id or dataset_env_id(minari_dataset)
 
     resumed = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
+    if resumed is not None and not {"algo", "dataset_id", "step", "rng", "run_config"} <= resumed.keys():
+        raise ValueError(f"{ckpt_path} is not a training checkpoint; choose another run_dir or pass resume=false")
     if resumed is not None and (resumed["algo"], resumed["dataset_id"]) != (algo_cls.name, cfg.dataset):
         raise ValueError(f"{ckpt_path} holds {resumed['algo']} on {resumed['dataset_id']}, not {algo_cls.name} on "
                          f"{cfg.dataset}; choose another run_dir or pass resume=false")
@@ -222,7 +244,7 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
             print(f"{ckpt_path} has trained {resumed['wall_seconds'] / 60:.1f} minutes (max_minutes={cfg.max_minutes}):"
                   " nothing to train")
             return ckpt_path
-        acting = {key: params[key] for key in ACT_SETTINGS if key in params and key in resumed["config"]}
+        acting = {key: params[key] for key in act_only_settings(algo_cls.Config) if key in params and key in resumed["config"]}
         agent = algo_cls.from_checkpoint({**resumed, "config": {**resumed["config"], **acting}}, device)
         start = resumed["step"]
         _set_rng_state(resumed["rng"], generator)
@@ -263,7 +285,7 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
         for step in bar:
             preemption.safe = False  # until the update ends, the state is no checkpoint's
             batch = data.sample(int(cfg.batch_size) * agent.batches_per_step, generator)  # the global batch
-            metrics = step_fn(rank_share(batch, agent.batches_per_step))
+            metrics = step_fn(agent.check_batch(rank_share(batch, agent.batches_per_step)))
             agent.after_step()
             done = step + 1
             out_of_time = limit is not None and time.perf_counter() - clock >= limit
@@ -286,13 +308,10 @@ def _train(cfg: DictConfig, device: torch.device) -> Path:
             if lead and cfg.eval_every and (done % cfg.eval_every == 0 or last):
                 eval_start = time.perf_counter()
                 result = evaluate(agent, env_id, episodes=cfg.eval_episodes, seed=cfg.seed + 100, progress=True)
-                for key in ("score", "return"):
-                    if result[f"{key}_mean"] is not None:
-                        writer.add_scalar(f"eval/{key}", result[f"{key}_mean"], done)
+                summary = log_evaluation(writer, result, done)
                 if isinstance(agent, Planner):
                     writer.add_figure("eval/plan", plan_figure(agent, env_id, seed=cfg.seed + 100), done)
-                bar.write(f"step {done}: return {result['return_mean']:.1f} ± {result['return_se']:.1f}"
-                          + (f", score {result['score_mean']:.1f}" if result["score_mean"] is not None else ""))
+                bar.write(f"step {done}: {summary}")
                 eval_seconds += time.perf_counter() - eval_start
             if done % cfg.checkpoint_every == 0 or last:
                 checkpoint()

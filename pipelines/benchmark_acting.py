@@ -14,7 +14,6 @@ from itertools import product
 from pathlib import Path
 
 import gymnasium as gym
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,14 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from cleandiff_rl.agents import load_policy
 from cleandiff_rl.evaluation import CROSS_SOLVERS, network_calls
 from cleandiff_rl.utils import mean_call_seconds
-from cleandiff_rl.utils.cli import user_errors
+from cleandiff_rl.utils.cli import pipeline
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark_acting")
-@user_errors
+@pipeline("benchmark_acting")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
-    policy = load_policy(cfg.checkpoint, cfg.device, threads=None).with_settings(OmegaConf.to_container(cfg.settings))
+    policy = load_policy(cfg.checkpoint, cfg.device).with_settings(OmegaConf.to_container(cfg.settings))
     env = gym.make(policy.env_id)
     obs = np.stack([env.reset(seed=cfg.seed + i)[0] for i in range(cfg.batch)])
     env.close()

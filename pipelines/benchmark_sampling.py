@@ -11,7 +11,6 @@ import statistics
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from cleandiff_rl.diffusion import SOLVERS, DiffusionModel
 from cleandiff_rl.nn import DQLMlp, JannerUNet1d
 from cleandiff_rl.utils import mean_call_seconds, seed_everything
-from cleandiff_rl.utils.cli import user_errors
+from cleandiff_rl.utils.cli import pipeline
 
 
 def time_sampling(name: str, model: DiffusionModel, prior: torch.Tensor, condition: torch.Tensor | None,
@@ -71,8 +70,7 @@ def print_table(rows: list[dict], key: str, fmt: str, title: str) -> None:
         print(f"{solver:22s}" + "".join(format(cells[s], fmt).rjust(9) for s in steps))
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark_sampling")
-@user_errors
+@pipeline("benchmark_sampling")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,44 +13,35 @@
 from __future__ import annotations
 
 import gymnasium as gym
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from cleandiff_rl.agents import load_policy
 from cleandiff_rl.agents.base import Agent
-from cleandiff_rl.agents.diffusion_ql import DiffusionQL
-from cleandiff_rl.agents.fql import FQL
-from cleandiff_rl.agents.idql import IDQL
 from cleandiff_rl.data import discounted_returns, read_episodes
-from cleandiff_rl.utils.cli import user_errors
+from cleandiff_rl.utils.cli import pipeline
 
 
-CriticPolicy = DiffusionQL | IDQL | FQL
+CriticPolicy = Agent  # one whose `has_critics`: it rates actions by Q (`rate`)
 
 
 def critic_q(policy: CriticPolicy, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Q by which the policy ranks candidates: the target critics' min (Diffusion-QL, IDQL) or the critics' mean
-    (FQL), on normalized observations and actions."""
-    if isinstance(policy, FQL):
-        q1, q2 = policy.critic(obs, action)
-        return (q1 + q2) / 2
-    return policy.critic_target.q_min(obs, action)
+    """Q by which the policy ranks candidates (its `rate`): the target critics' min (Diffusion-QL, IDQL) or the
+    critics' mean (FQL), on normalized observations and actions."""
+    return policy.rate(obs, action)[0]
 
 
 def candidate_q(policy: CriticPolicy, obs: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The act-time candidates at raw observations `obs` (the policy's own `candidates`, at its solver, steps
-    and temperature): Q `(states, n)` and env actions `(states, n, act_dim)`."""
+    """The act-time candidates at raw observations `obs` (the policy's own `draw`, at its solver, steps and
+    temperature): Q `(states, n)` and env actions `(states, n, act_dim)`."""
     n = policy.config.num_candidates
     generator = torch.Generator(policy.device).manual_seed(seed)
     with torch.no_grad():
         obs_t = policy.obs_normalizer.normalize(torch.as_tensor(obs, dtype=torch.float32, device=policy.device))
-        if isinstance(policy, FQL):  # its one-step actor's candidates, rated by its critics
-            candidates, q1, q2 = policy.candidates(obs_t, n, generator)  # both critics' Q, unless n is 1
-            q = critic_q(policy, obs_t.repeat_interleave(n, 0), candidates) if q1 is None else (q1 + q2) / 2
-        else:
-            _, candidates, q = policy.candidates(obs_t, policy.solver, policy.steps, generator)
+        candidates, _ = policy.draw(obs_t, n, temperature=policy.config.temperature, solver=policy.solver,
+                                    steps=policy.steps, generator=generator)
+        q = critic_q(policy, obs_t.repeat_interleave(n, 0), candidates)
     actions = policy.unnormalize_action(candidates).cpu().numpy().reshape(-1, n, policy.act_dim)
     return q.view(-1, n).cpu().numpy(), actions
 
@@ -90,12 +81,11 @@ def rollout_returns(policy: CriticPolicy, follow: Agent, cfg: DictConfig) -> tup
     return q, returns.reshape(q.shape)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="critic_diagnostics")
-@user_errors
+@pipeline("critic_diagnostics")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
-    policy = load_policy(cfg.checkpoint, cfg.device, threads=None)
-    if not isinstance(policy, (DiffusionQL, IDQL, FQL)):
+    policy = load_policy(cfg.checkpoint, cfg.device)
+    if not policy.has_critics:
         raise ValueError(f"{cfg.checkpoint} holds a {policy.name!r} policy, which has no critic (dql, idql or fql)")
     episodes = read_episodes(policy.dataset_id)
     reward_scale = float(getattr(policy, "reward_scale", 1.0))  # IDQL's critic learns scaled rewards
@@ -118,7 +108,7 @@ def main(cfg: DictConfig) -> None:
     print(f"Q over {n} candidates, max-mean {(q_cand.max(1) - q_cand.mean(1)).mean():7.3f}")
 
     if cfg.rollout_states:
-        follow = policy if cfg.follow is None else load_policy(cfg.follow, cfg.device, threads=None)
+        follow = policy if cfg.follow is None else load_policy(cfg.follow, cfg.device)
         q, rollout = rollout_returns(policy, follow, cfg)
         corr = [np.corrcoef(qs, rs)[0, 1] for qs, rs in zip(q, rollout) if qs.std() > 0 and rs.std() > 0]
         chosen = rollout[np.arange(len(q)), q.argmax(1)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
@@ -23,18 +22,17 @@ from cleandiff_rl.diffusion.model import check_temperature
 from cleandiff_rl.evaluation import evaluate
 from cleandiff_rl.training import register_configs
 from cleandiff_rl.utils import atomic_write, seed_everything
-from cleandiff_rl.utils.cli import user_errors
+from cleandiff_rl.utils.cli import pipeline
 
 register_configs()  # the checkpoint_name resolver of the run folder
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="distill")
-@user_errors
+@pipeline("distill")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     if cfg.temperature is not None:
         check_temperature(cfg.temperature)  # before anything is written (distill checks it again, too late for that)
-    policy = load_policy(cfg.checkpoint, cfg.device, threads=None).with_settings(cfg.settings)
+    policy = load_policy(cfg.checkpoint, cfg.device).with_settings(cfg.settings)
     if not isinstance(getattr(policy, "actor", None), DiffusionModel):
         raise ValueError(f"distill needs a policy that samples a diffusion actor (diffusion_bc, dql, idql), "
                          f"not {policy.name!r}")
@@ -49,7 +47,8 @@ def main(cfg: DictConfig) -> None:
     # (hopper-medium: ratio 0.81 against 0.66), and it selected where the parent acted at its mode.
     acting = policy.chosen_settings()
     # ... and learns the teacher's map where it acts: from zero noise alone where the parent acts at its mode
-    temperature = cfg.temperature if cfg.temperature is not None else acting.get("temperature", policy.config.temperature)
+    at_mode = policy.acting_rule()[0] == "mode"
+    temperature = cfg.temperature if cfg.temperature is not None else 0.0 if at_mode else policy.config.temperature
     out.mkdir(parents=True, exist_ok=True)
     with SummaryWriter(str(out / "tb")) as writer:
         policy.actor = distill(policy.actor, lambda n: data.sample(n, generator)["obs"], (policy.act_dim,),

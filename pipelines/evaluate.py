@@ -7,18 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from cleandiff_rl.evaluation import evaluate_checkpoint
 from cleandiff_rl.training import register_configs
-from cleandiff_rl.utils.cli import user_errors
+from cleandiff_rl.utils.cli import pipeline
 
 register_configs()  # the checkpoint_name resolver of the run folder
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
-@user_errors
+@pipeline("evaluate")
 def main(cfg: DictConfig) -> None:
     result = evaluate_checkpoint(cfg)
     sampling = ""

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 
-import hydra
 from omegaconf import DictConfig
 
 from cleandiff_rl.data.builder import build_datasets
-from cleandiff_rl.utils.cli import user_errors
+from cleandiff_rl.utils.cli import pipeline
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="make_dataset")
-@user_errors
+@pipeline("make_dataset")
 def main(cfg: DictConfig) -> None:
     print(json.dumps(build_datasets(cfg), indent=2))
 

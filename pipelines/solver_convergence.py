@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
@@ -18,11 +17,10 @@ from tqdm import tqdm
 
 from cleandiff_rl.diffusion import SOLVERS, get_solver, time_grid
 from cleandiff_rl.diffusion.analytic import exact_model, fit_order, ode_error
-from cleandiff_rl.utils.cli import user_errors
+from cleandiff_rl.utils.cli import pipeline
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="solver_convergence")
-@user_errors
+@pipeline("solver_convergence")
 def main(cfg: DictConfig) -> None:
     torch.set_default_dtype(torch.float64)  # measure the solver, not float32 rounding
     models = {}

@@ -7,10 +7,12 @@ Each function writes into the current `MINARI_DATASETS_PATH` (tests point it at 
 - `pendulum_dataset`: a scripted, noisy stabilizing controller on `InvertedPendulum-v5`. It
   balances for the full 1000 steps, so every episode returns 1000; a learned policy should too.
 - `random_dataset`: uniform random actions on any gymnasium env (default Hopper-v5).
+- `broken_dataset`: `random_dataset`'s data with one defect (`DEFECTS`), for the loaders' checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import gymnasium as gym
@@ -119,3 +121,41 @@ def random_dataset(
         f"Test data: uniform random actions on {env_id}; {n_steps} steps, seed {seed}.",
         None if task is None else (task.ref_min_score, task.ref_max_score),
     )
+
+
+# What `broken_dataset` can break, in episode `episode` from step `step` on
+DEFECTS = ("nan_observations", "inf_rewards", "actions_outside", "observation_size", "mismatched_lengths",
+           "missing_rewards")
+
+
+def broken_dataset(dataset_id: str, defect: str, env_id: str = "Hopper-v5", n_steps: int = 200, seed: int = 0,
+                   episode: int = 1, step: int = 2) -> None:
+    """`random_dataset`'s data with one defect in episode `episode`: a NaN observation at `step`; +inf and
+    -inf rewards at `step` and `step + 1`; action[1] 0.5 above the action space's high at `step`; the last
+    observation entry dropped; one reward too few; its rewards removed from the storage file."""
+    if defect not in DEFECTS:
+        raise ValueError(f"unknown defect {defect!r}; one of {DEFECTS}")
+    env = gym.make(env_id)
+    high = env.action_space.high
+    episodes = collect(RandomActor(env.action_space, seed), env_id, n_steps, seed, desc="collect random")
+    env.close()
+    ep = episodes[episode]
+    assert len(ep.rewards) > step + 1, "the episode is too short for the defect"
+    obs, act, rew = ep.observations.copy(), ep.actions.copy(), np.asarray(ep.rewards, np.float64).copy()
+    if defect == "nan_observations":
+        obs[step, 0] = np.nan
+    elif defect == "inf_rewards":
+        rew[step], rew[step + 1] = np.inf, -np.inf
+    elif defect == "actions_outside":
+        act[step, 1] = high[1] + 0.5
+    elif defect == "observation_size":
+        obs = obs[:, :-1]
+    elif defect == "mismatched_lengths":
+        rew = rew[:-1]
+    episodes[episode] = dataclasses.replace(ep, observations=obs, actions=act, rewards=rew)
+    dataset = _write(dataset_id, episodes, env_id, "uniform random actions", f"Test data with {defect}.", None)
+    if defect == "missing_rewards":
+        import h5py  # minari's storage
+
+        with h5py.File(f"{dataset.storage.data_path}/main_data.hdf5", "a") as f:
+            del f[f"episode_{episode}/rewards"]

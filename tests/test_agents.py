@@ -17,9 +17,10 @@ from offline_data import PENDULUM_ENV_ID, RANDOM_PENDULUM_RETURN, pendulum_datas
 
 import cleandiff_rl
 from cleandiff_rl.agents import ALGORITHMS, Agent, get_algorithm, load_policy
-from cleandiff_rl.agents.common import select
+from cleandiff_rl.agents.acting import select
 from cleandiff_rl.agents.idql import expectile_weights
 from cleandiff_rl.agents.planning import Planner
+from cleandiff_rl.benchmarking import algo_overrides, lr_overrides, report_page, resolve_datasets, suite_table
 from cleandiff_rl.data import normalized_score, read_episodes
 from cleandiff_rl.diffusion import DiffusionModel
 from cleandiff_rl.diffusion.solvers import get_solver
@@ -31,8 +32,10 @@ SMALL = {  # tiny networks, so each test trains in seconds
     "bc": {"hidden_dim": 32},
     "diffusion_bc": {"hidden_dim": 32},
     "dql": {"hidden_dim": 32, "critic_hidden": 32, "num_candidates": 4},
+    "edp": {"hidden_dim": 32, "critic_hidden": 32, "num_candidates": 4, "sampling_steps": 5},
     "idql": {"hidden_dim": 32, "critic_hidden": 32, "num_candidates": 4},
     "fql": {"hidden_dim": 32},
+    "dac": {"hidden_dim": 32, "critic_hidden": 32, "num_candidates": 4},
     "diffuser": {"horizon": 8, "model_dim": 16, "dim_mults": [1, 2], "num_candidates": 4, "sampling_steps": 5},
     "decision_diffuser": {"horizon": 8, "d_model": 32, "n_heads": 2, "depth": 1, "inv_hidden": 32,
                           "sampling_steps": 5},
@@ -102,15 +105,14 @@ def test_policy_moved_to_cuda_acts_like_one_built_there(hopper_random, tmp_path)
     np.testing.assert_allclose(moved.act(obs), built.act(obs), atol=1e-6)
 
 
-@pytest.mark.parametrize("algo", [name for name in ALGORITHMS if name != "bc"])
+# dac: 12 updates from the original's init put every candidate on one corner of the box: argmax ignores the draw
+@pytest.mark.parametrize("algo", [name for name in ALGORITHMS if name not in ("bc", "dac")])
 def test_temperature_zero_with_an_ode_solver_acts_deterministically(algo, hopper_random, tmp_path):
     """From the mean of the noise, ddim maps an observation to one action whatever the generator draws;
     at temperature 1 the same policy's actions depend on the draw."""
     path = train(train_config(algo, hopper_random, tmp_path / algo, steps=12))
     obs = np.random.default_rng(0).normal(size=(3, 11))
-    policy = load_policy(str(path), solver="ddim", temperature=0)
-    if algo in ("idql", "dql", "fql"):  # not `auto`, which may act at the mode whatever the temperature
-        policy.with_settings({"selection": "argmax"})
+    policy = load_policy(str(path), solver="ddim", temperature=0)  # each at its paper's acting
     first, second = (policy.act(obs, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
     np.testing.assert_array_equal(first, second)
     policy.set_sampling(temperature=1.0)
@@ -118,7 +120,7 @@ def test_temperature_zero_with_an_ode_solver_acts_deterministically(algo, hopper
     assert np.abs(third - second).max() > 1e-3
 
 
-@pytest.mark.parametrize("algo", ["dql", "idql", "fql"])
+@pytest.mark.parametrize("algo", ["dql", "edp", "idql", "fql", "dac"])
 def test_resume_continues_exactly(algo, hopper_random, tmp_path):
     """Stopping at step 10 and rerunning to 20 gives the same weights as one run of 20 steps."""
     train(train_config(algo, hopper_random, tmp_path / "a", steps=10))
@@ -200,7 +202,7 @@ def test_fql_distils_the_flow_into_a_one_step_actor_that_acts_in_one_call(minari
     agent.act(np.zeros((5, 4)), solver="ode_dpmsolver++_2M", steps=3)
     assert calls == {"actor": 1, "flow": 3} and network_calls(agent)["nfe"] == 3
 
-    agent.config.acting, agent.config.num_candidates = "onestep", 8  # best of 8 by Q: still one batched call
+    agent.with_settings({"acting": "onestep", "selection": "argmax", "num_candidates": 8})  # best of 8: one batched call
     obs = torch.randn(3, 4)
     picked = agent.act(obs.numpy(), generator=torch.Generator().manual_seed(1))
     assert calls["actor"] == 2 and network_calls(agent)["nfe"] == 1 and agent.obs_normalizer is None
@@ -245,11 +247,12 @@ def test_fql_checkpoint_sweeps_its_flow_policy_and_a_rerun_replaces_the_sweep_lo
     assert len(list((tmp_path / "sweep" / "tb").glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo,nfe", [("dql", 2), ("idql", 1)])
 def test_distill_pipeline_writes_a_student_that_acts_in_nfe_calls_per_candidate(algo, nfe, hopper_random, tmp_path):
     """pipelines/distill.py: the student checkpoint is the parent (critic, selection, normalizer) with its
     behavior model replaced, acting with DDIM at `nfe` steps; parent and student are evaluated alike."""
-    path = train(train_config(algo, hopper_random, tmp_path / algo, steps=12))
+    path = train(train_config(algo, hopper_random, tmp_path / algo, steps=12, **{"algo.params.selection": "auto"}))
     out = tmp_path / "distilled"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = Path(__file__).resolve().parents[1] / "pipelines" / "distill.py"
@@ -262,7 +265,7 @@ def test_distill_pipeline_writes_a_student_that_acts_in_nfe_calls_per_candidate(
     # `auto`'s choice is the parent's, fixed in the student's settings: it decides nothing of its own
     assert parent.chosen_settings() and not student.chosen_settings()
     # and it learned the teacher's map at the noise it acts from (zero where the parent acts at its mode)
-    assert result["temperature"] == parent.chosen_settings().get("temperature", parent.config.temperature)
+    assert result["temperature"] == (0.0 if parent.chosen_settings()["selection"] == "mode" else parent.config.temperature)
     assert student.act_settings() == parent.with_settings(parent.chosen_settings()).set_sampling("ddim", nfe).act_settings()
     critic = "critic" if algo == "dql" else "value"
     for key, value in parent.state_dict().items():
@@ -276,7 +279,7 @@ def test_distill_pipeline_writes_a_student_that_acts_in_nfe_calls_per_candidate(
     assert not (tmp_path / "bad").exists()
     bad = subprocess.run([sys.executable, str(script), f"checkpoint={path}", "temperature=-1", f"run_dir={tmp_path / 'bad'}"],
                          env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "temperature must be >= 0" in bad.stderr and not (tmp_path / "bad").exists()
+    assert bad.returncode == 2 and "temperature=-1 is out of range" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_dql_q_loss_only_reaches_levels_the_bc_loss_trains():
@@ -411,24 +414,22 @@ class StubCritic(torch.nn.Module):
         return torch.minimum(*self(obs, act))
 
 
-MODE = {"selection": "argmax", "solver": "ddim", "temperature": 0.0, "num_candidates": 1}  # one ODE sample from zero noise
-
-
-@pytest.mark.parametrize("algo, critic, always, otherwise, labels", [
-    ("idql", "critic_target", {"selection": "argmax"}, MODE, ("argmax Q of 4", "behavior mode (ddim")),
-    ("dql", "critic_target", {"selection": "softmax"}, {**MODE, "selection": "softmax"}, ("softmax Q of 4", "actor's mode (ddim")),
-    ("fql", "critic", {"selection": "argmax"}, {"num_candidates": 1, "temperature": 0.0}, ("best of 4 by Q", "mode mu(s, 0)")),
+@pytest.mark.parametrize("algo, critic, always, labels", [
+    ("idql", "critic_target", {"selection": "argmax"}, ("argmax Q of 4", "behavior mode (ddim")),
+    ("dql", "critic_target", {"selection": "softmax"}, ("softmax Q of 4", "actor's mode (ddim")),
+    ("fql", "critic", {"selection": "argmax"}, ("argmax Q of 4", "mode (T=0)")),
 ])
-def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, critic, always, otherwise, labels,
+def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, critic, always, labels,
                                                                        hopper_random, tmp_path):
-    """`selection: auto` (the default of IDQL, Diffusion-QL and FQL) measures once per weights how far a
+    """`selection: auto` (opt-in for IDQL, Diffusion-QL and FQL) measures once per weights how far a
     state's candidates' Q values spread against the twin critics' disagreement, on dataset states fixed
-    before training: above the threshold (0.75) it selects among the candidates as `always` does, else it
-    acts as `otherwise` (the actor's mode: one ODE sample from zero noise; FQL's mu(s, 0)). `selection:
-    mode` acts so always. An older checkpoint without those states selects."""
+    before training: above the threshold it selects among the candidates as `always` does, else it
+    acts at the mode (one ODE sample from zero noise; FQL's mu(s, 0)). A policy whose probe states were never
+    drawn (NaN: `prepare` never ran) selects."""
+    otherwise = {"selection": "mode"}
     path = train(train_config(algo, hopper_random, tmp_path, steps=4))
     policy = load_policy(str(path), "cpu").with_settings({"num_candidates": 4})
-    assert policy.config.selection == "auto" and not policy.probe_obs.isnan().any()
+    assert not policy.probe_obs.isnan().any()
     data = read_episodes(hopper_random)
     assert any(torch.allclose(policy.probe_obs[0], policy.obs_normalizer.normalize(torch.as_tensor(o)), atol=1e-5)
                for o in data.obs.astype(np.float32))
@@ -445,14 +446,11 @@ def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, cri
     assert policy.rank_ratio() > 2 and policy.last_sample_log["acting"].startswith(labels[0])
     assert policy.chosen_settings() == always  # what the suite's evaluation records as `acts_as`
     assert not np.allclose(best, fallback)
-    np.testing.assert_array_equal(acts(selection="mode"), fallback)  # the medium-expert tasks': never selects
-    assert policy.last_sample_log["acting"].startswith(labels[1])
-    assert policy.last_sample_log["acting"].endswith("selection: mode)")
-    assert policy.chosen_settings() == {key: value for key, value in otherwise.items() if key != "selection"}
     setattr(policy, critic, StubCritic(scale=0.01, gap=5.0))  # the critics disagree more than candidates differ
     policy.updates += 1  # new weights: measured again
     np.testing.assert_array_equal(acts(), fallback)
     assert policy.rank_ratio() < 0.5 and policy.last_sample_log["acting"].startswith(labels[1])
+    assert policy.chosen_settings() == otherwise
     np.testing.assert_array_equal(acts(**policy.chosen_settings()), fallback)
     np.testing.assert_array_equal(acts(num_candidates=1), acts(**always, num_candidates=1))  # one: its own pick
     assert "acting" not in policy.last_sample_log and policy.chosen_settings() == {}
@@ -462,7 +460,7 @@ def test_auto_selection_selects_only_where_the_critics_rank_candidates(algo, cri
         np.testing.assert_array_equal(policy.act(obs, solver="ode_dpmsolver++_2M"), ode_mode)
         policy.set_sampling(solver=get_algorithm(algo).Config.solver)
     state = load_checkpoint(path)
-    del state["model"]["probe_obs"]
+    state["model"]["probe_obs"].fill_(float("nan"))
     old = get_algorithm(algo).from_checkpoint(state, "cpu")
     setattr(old, critic, StubCritic(scale=0.01, gap=5.0))
     settings = {"num_candidates": 4, "temperature": 1.0}
@@ -502,15 +500,14 @@ def test_select_modes():
         select(actions, scores, 3, "best")
 
 
-def test_load_policy_acts_with_one_cpu_thread_unless_told_otherwise(hopper_random, tmp_path):
-    """Two torch threads on shared cores made a Diffusion-QL action 10x slower: load_policy sets one."""
+def test_load_policy_leaves_the_thread_count_to_the_caller(hopper_random, tmp_path):
+    """Loading a policy changes no process-wide setting: torch's thread count is the caller's."""
     path = train(train_config("bc", hopper_random, tmp_path, steps=2))
     try:
-        torch.set_num_threads(2)
-        load_policy(str(path), "cpu", threads=None)
-        assert torch.get_num_threads() == 2
-        load_policy(str(path), "cpu")
-        assert torch.get_num_threads() == 1
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            load_policy(str(path), "cpu")
+            assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(1)
 
@@ -570,7 +567,7 @@ def test_cuda_graph_replay_trains_like_eager_updates(algo):
                 torch.testing.assert_close(graphed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("algo", ["dql", "idql", "fql", "diffusion_bc", "bc"])
+@pytest.mark.parametrize("algo", ["dql", "edp", "idql", "fql", "dac", "diffusion_bc", "bc"])
 def test_cpu_fast_paths_leave_losses_weights_and_actions_unchanged(algo):
     """The CPU speed-ups (Mish from one sigmoid, fused Adam: `utils.fast`) train and act like torch's
     default kernels to float rounding: the same metrics, weights and actions after a few updates."""
@@ -598,6 +595,7 @@ def test_cpu_fast_paths_leave_losses_weights_and_actions_unchanged(algo):
     np.testing.assert_allclose(fast[2], slow[2], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_critic_diagnostics_pipeline(hopper_random, tmp_path):
     """critic_diagnostics runs on each Q-learning checkpoint and refuses a policy without a critic."""
     import os
@@ -605,6 +603,8 @@ def test_critic_diagnostics_pipeline(hopper_random, tmp_path):
     import sys
     from pathlib import Path
 
+    critics = {name for name, cls in ALGORITHMS.items() if cls.has_critics}  # what each agent says of itself
+    assert {"dql", "edp", "idql", "fql", "dac"} <= critics and not critics & {"bc", "diffusion_bc", "diffuser", "decision_diffuser"}
     script = Path(__file__).resolve().parents[1] / "pipelines" / "critic_diagnostics.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for algo in ("dql", "fql", "bc"):
@@ -671,6 +671,7 @@ def test_evaluate_pipeline_acts_at_the_given_temperature(hopper_random, tmp_path
     assert result["temperature"] == 0.0 and result["solver"] == "ddim" and result["episodes"] == 2
 
 
+@pytest.mark.slow
 def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_random, minari_root, tmp_path):
     """The suite builds a missing dataset, writes one row per dataset x (algorithm, act variant) beside each
     dataset's own average, a CSV, a PNG and TensorBoard; a rerun trains and evaluates nothing again; a
@@ -686,8 +687,8 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
     names = ["test_hopper_random-v0", "test_hopper_medium-v0"]
     assert [(r["dataset"], r["label"]) for r in rows] == [
         *((name, "dataset average") for name in names),
-        *((name, label) for name in names for label in ("diffusion_bc", "diffusion_bc (ddim_T0)",
-                                                             "diffusion_bc (ddpm_T1)")),
+        *((name, label) for name in names for label in ("diffusion_bc", "diffusion_bc (paper)",
+                                                             "diffusion_bc (mode)")),
         *((name, "bc") for name in names)]
     for name, dataset_id in zip(names, [hopper_random, "test/hopper/medium-v0"]):
         data = read_episodes(dataset_id)
@@ -701,8 +702,8 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
     assert (out / "scores.png").stat().st_size > 10_000 and any((out / "tb").iterdir())
     done = sorted([*out.glob("*/*/checkpoint.pt"), *out.glob("*/*/evaluations/*/evaluation.json")])
     assert len(done) == 4 + 8
-    # the medium-expert tasks' acting is the default's here: its evaluation, not a second one
-    assert [r["same_as_default"] for r in rows if r["label"] == "diffusion_bc (ddpm_T1)"] == [True, True]
+    # the smoke preset acts by the paper's rule: the paper's row is the default's evaluation, not a second one
+    assert [r["same_as_default"] for r in rows if r["label"] == "diffusion_bc (paper)"] == [True, True]
     assert all((path.parent / "log.txt").is_file() for path in done)  # each training and evaluation logs beside it
     written = [path.stat().st_mtime_ns for path in done]
     subprocess.run(command, check=True, env=env, capture_output=True)
@@ -710,7 +711,7 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
     assert json.loads((out / "results.json").read_text())["rows"] == rows
     stale = out / names[0] / "diffusion_bc" / "evaluations" / "diffusion_bc" / "evaluation.json"
     record = json.loads(stale.read_text())
-    assert record["act_settings"] == {"solver": "ddpm", "steps": 5, "temperature": 1.0}
+    assert record["act_settings"] == {"solver": "ddpm", "steps": 5, "selection": "sample", "temperature": 1.0}
     record["act_settings"]["temperature"] = 0.5  # as if the default had changed since this evaluation
     stale.write_text(json.dumps(record))
     subprocess.run(command, check=True, env=env, capture_output=True)
@@ -722,8 +723,9 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
     assert bad.returncode != 0 and "unknown dataset 'hopper-mediun': neither a task" in bad.stderr
     assert not (tmp_path / "bad").exists()
 
+@pytest.mark.slow
 def test_suite_evaluates_each_acting_once(hopper_random, tmp_path):
-    """Where `selection: auto` chose one of the act variants for a checkpoint, the suite records the default's
+    """Where `selection: auto` (here the preset's rule) chose one of the act variants for a checkpoint, the suite records the default's
     evaluation as that variant's instead of running it again; evaluated on its own, the variant scores the
     same episodes exactly. A rerun reuses all of it."""
     from cleandiff_rl.evaluation import evaluate_checkpoint
@@ -731,15 +733,16 @@ def test_suite_evaluates_each_acting_once(hopper_random, tmp_path):
     script = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_suite.py"
     out = tmp_path / "suite"
     command = [sys.executable, str(script), "suite=smoke", f"datasets=[{hopper_random}]", "algos=[fql,idql]",
-               "~act_variants.idql.expectile", f"run_dir={out}"]
+               "~act_variants.idql.expectile", "+acting.fql.selection=auto", "+acting.idql.selection=auto",
+               f"run_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, capture_output=True)
     rows = json.loads((out / "results.json").read_text())["rows"]
-    for algo, variants in [("fql", ("one_action", "best_of_5", "T0")), ("idql", ("argmax", "ddim_T0"))]:
+    for algo, variants in [("fql", ("paper", "best_of_5", "mode")), ("idql", ("paper", "mode"))]:
         folder = out / "test_hopper_random-v0" / algo / "evaluations"
         default = json.loads((folder / algo / "evaluation.json").read_text())
         copies = [v for v in variants if "same_as" in json.loads((folder / f"{algo}_{v}_" / "evaluation.json").read_text())]
-        assert len(copies) == 1, (algo, default["acting"], copies)  # best_of_5 / argmax, or the mode
+        assert len(copies) == 1, (algo, default["acting"], copies)  # best_of_5 / the paper's argmax, or the mode
         record = json.loads((folder / f"{algo}_{copies[0]}_" / "evaluation.json").read_text())
         assert record["acting"] is None and record["act_settings"] == default["acts_as"] != default["act_settings"]
         again = evaluate_checkpoint(compose_config([f"checkpoint={out / 'test_hopper_random-v0' / algo / 'checkpoint.pt'}",
@@ -757,6 +760,7 @@ def test_suite_evaluates_each_acting_once(hopper_random, tmp_path):
     assert [path.stat().st_mtime_ns for path in done] == written
 
 
+@pytest.mark.slow
 def test_suite_pools_the_last_checkpoints_evaluations(hopper_random, tmp_path):
     """checkpoints=2: each act setting is evaluated on the last two kept checkpoints, each on its half of the
     env seeds, and the table pools their episodes; a rerun reuses it all; episodes that do not split evenly
@@ -764,7 +768,7 @@ def test_suite_pools_the_last_checkpoints_evaluations(hopper_random, tmp_path):
     script = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_suite.py"
     out = tmp_path / "suite"
     command = [sys.executable, str(script), "suite=smoke", f"datasets=[{hopper_random}]", "algos=[fql,bc]",
-               "checkpoints=2", "episodes=4", f"run_dir={out}"]  # the smoke preset checkpoints every 5 updates
+               "+acting.fql.selection=auto", "checkpoints=2", "episodes=4", f"run_dir={out}"]  # checkpoints every 5 updates
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, capture_output=True)
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -777,29 +781,78 @@ def test_suite_pools_the_last_checkpoints_evaluations(hopper_random, tmp_path):
         assert row["steps"] == 10 and row["episodes"] == 4
     [fql] = [r for r in rows if r["label"] == "fql"]
     assert fql["acting"].startswith("5: ") and "; 10: " in fql["acting"]  # `auto`'s choice at each checkpoint
-    done = sorted(out.glob("*/*/evaluations/*/*/evaluation.json"))
+    done = sorted(out.glob("*/*/evaluations/*/*/evaluation.json")) + sorted(out.glob("*/*/checkpoint.pt"))
     written = [path.stat().st_mtime_ns for path in done]
-    subprocess.run(command, check=True, env=env, capture_output=True)
-    assert [path.stat().st_mtime_ns for path in done] == written
+    page = tmp_path / "results" / "smoke.md"  # the results page, written from the finished run folder
+    subprocess.run([*command, f"report={page}"], check=True, env=env, capture_output=True)
+    assert [path.stat().st_mtime_ns for path in done] == written  # nothing trained or evaluated again
+    text = page.read_text()
+    assert page.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![normalized score per algorithm and dataset, s.e. as error bars](smoke.png)" in text
+    assert "- command: `python " in text and f"episodes=4 run_dir={out} report={page}`" in text
+    assert "- preset: `smoke`" in text and "torch " in text and " cores" in text
+    assert "one training seed (0): ± is the standard error over its 4 evaluation episodes, pooled over the last 2" in text
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+             if line.startswith("| ") and "---" not in line}
+    average = rows[0]["score_mean"]
+    assert lines["dataset average (reference)"] == ["", "", f"{average:.1f}"]
+    for row in rows[1:]:
+        label = f"{row['label']} (reference)" if row["algo"] == "bc" else row["label"]
+        assert lines[label][1:] == ["10", f"{row['score_mean']:.1f} ± {row['score_se']:.1f}"], label
+    assert lines["fql"][0] == "preset: selection=auto" and lines["fql (paper)"][0] == "paper's: selection=sample"
+    assert list(lines)[:3] == ["algo", "dataset average (reference)", "bc (reference)"]
     bad = subprocess.run([*command[:-2], "episodes=3", f"run_dir={tmp_path / 'bad'}"], env=env, capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "episodes=3 must split evenly over checkpoints=2" in bad.stderr
-    for setting, error in [("checkpoints=x", "checkpoints=x: the suite evaluates the last N >= 1"),
-                           ("max_minutes=0", "max_minutes=0: a wall-clock budget per training is a number > 0")]:
+    for setting, error in [("checkpoints=x", "checkpoints='x' is not a number; accepted: an integer >= 1"),
+                           ("max_minutes=0", "max_minutes=0 is out of range; accepted: a number > 0 or null"),
+                           ("report=results.txt", "report=results.txt: the results page is a Markdown file")]:
         bad = subprocess.run([*command[:-1], setting, f"run_dir={tmp_path / 'bad'}"], env=env, capture_output=True,
                              text=True)
         assert bad.returncode != 0 and error in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
 
 
+def test_fql_config_holds_only_what_fql_reads():
+    """FQL's networks are its own MLPs: the actor-backbone settings of the diffusion actors are no FQL settings."""
+    import dataclasses
+
+    assert not {"backbone", "n_blocks", "dropout"} & {f.name for f in dataclasses.fields(get_algorithm("fql").Config)}
+    assert {"backbone", "n_blocks", "dropout"} <= {f.name for f in dataclasses.fields(get_algorithm("idql").Config)}
+    with pytest.raises(ValueError, match=r"unknown FQLConfig settings \['backbone'\]"):
+        get_algorithm("fql")(11, 3, {"backbone": "resnet"}, device="cpu")
+
+
+def test_the_results_page_averages_over_training_seeds_with_the_references_first():
+    """Several training seeds: each cell is the mean ± s.e. (sample std / sqrt(n)) of the seeds' scores, and the
+    page says so; the dataset's average and BC lead the table; the page names its figure, command, machine, date."""
+    cfg = compose_config(["suite=smoke", "seeds=[0,1,2]", "algos=[idql,bc]"], config_name="benchmark_suite")
+    [dataset] = resolve_datasets(["hopper-medium"])
+
+    def row(label: str, algo: str | None, seed: int | None, score: float, rule: str = "") -> dict:
+        return {"label": label, "algo": algo, "dataset": dataset.name, "seed": seed, "score_mean": score,
+                "score_se": None if algo is None else 9.9, "steps": 0 if algo is None else 10,
+                "updates_per_second": None, "acting": None, "same_as_default": False, "rule": rule}
+
+    rows = [row("dataset average", None, None, 44.3)]
+    rows += [row("idql", "idql", seed, score, "paper's: selection=expectile")
+             for seed, score in zip((0, 1, 2), (50.0, 56.0, 59.0))]
+    rows += [row("bc", "bc", seed, score) for seed, score in zip((0, 1, 2), (40.0, 44.0, 51.0))]
+    text = report_page(rows, [dataset], cfg, "cpu.png", "python pipelines/benchmark_suite.py seeds=[0,1,2]",
+                       "a CPU, 2 cores, no GPU; torch 2", "2026-01-01 00:00 UTC")
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
+    assert table == [["algo", "acting", "updates", "hopper-medium"],
+                     ["dataset average (reference)", "", "", "44.3"],
+                     ["bc (reference)", "", "10", f"45.0 ± {np.std([40, 44, 51], ddof=1) / np.sqrt(3):.1f}"],
+                     ["idql", "paper's: selection=expectile", "10", f"55.0 ± {np.std([50, 56, 59], ddof=1) / np.sqrt(3):.1f}"]]
+    assert "mean ± standard error over 3 training seeds (0, 1, 2)" in text and "](cpu.png)" in text
+    assert "- command: `python pipelines/benchmark_suite.py seeds=[0,1,2]`" in text and "- date: 2026-01-01" in text
+    assert "- machine: a CPU, 2 cores, no GPU; torch 2" in text and "- preset: `smoke`" in text
+
+
 def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch():
     """Every preset gives each algorithm a budget; the GPU preset reaches the papers' order of updates;
     a batch size other than an algorithm's default scales each of its learning rates by (B / B0)^p."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
-    try:
-        from benchmark_suite import algo_overrides, format_table, lr_overrides, resolve_datasets
-    finally:
-        sys.path.pop(0)
     for preset in ("cpu", "gpu", "smoke"):
         cfg = compose_config([f"suite={preset}"], config_name="benchmark_suite")
         assert cfg.suite_name == preset and all(cfg.steps[a] > 0 for a in ALGORITHMS)
@@ -829,9 +882,11 @@ def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch(
     rows = [{"label": "idql", "algo": "idql", "dataset": d.name, "score_mean": score, "score_se": 0.5, "steps": steps,
              "updates_per_second": 10.0, "acting": acting, "same_as_default": False}
             for d, score, steps, acting in zip(datasets[:2], (43.7, 32.0), (30_000, 12_400), ("mode (ratio 0.46)", None))]
-    rows.append({**rows[0], "label": "idql (ddim_T0)", "acting": None, "same_as_default": True})
-    assert format_table(rows, datasets[:2]).splitlines() == [
-        "| algo | updates | updates/s | hopper-medium-replay | cleandiff_walker2d_medium-v0 |", "|---|---:|---:|---:|---:|",
-        "| idql | 12k-30k | 10.0 | 43.7 ± 0.5 | 32.0 ± 0.5 |", "| idql (ddim_T0) | 30k | 10.0 | 43.7 ± 0.5 |  |", "",
+    rows.append({**rows[0], "label": "idql (mode)", "acting": None, "same_as_default": True})
+    assert suite_table(rows, datasets[:2]).splitlines() == [
+        "| algo        | updates | updates/s | hopper-medium-replay | cleandiff_walker2d_medium-v0 |",
+        "|-------------|--------:|----------:|---------------------:|-----------------------------:|",
+        "| idql        | 12k-30k |      10.0 |           43.7 ± 0.5 |                   32.0 ± 0.5 |",
+        "| idql (mode) |     30k |      10.0 |           43.7 ± 0.5 |                              |", "",
         "acting chosen per checkpoint:",
-        "- idql on hopper-medium-replay: mode (ratio 0.46) (the same evaluation as idql (ddim_T0))"]
+        "- idql on hopper-medium-replay: mode (ratio 0.46) (the same evaluation as idql (mode))"]

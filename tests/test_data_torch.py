@@ -169,7 +169,7 @@ def test_non_finite_data_is_one_clear_error(minari_root):
     bad = [list(r) for r in REWARDS]
     bad[1][2] = float("nan")
     ds = make_handmade("test/toy/nan-v0", rewards=bad)
-    with pytest.raises(ValueError, match=r"non-finite rew \(first at episode 1, step 2\)"):
+    with pytest.raises(ValueError, match=r"^dataset test/toy/nan-v0: 1 step with non-finite \(NaN/inf\) rewards, the first at episode 1, step 2;"):
         TransitionDataset(ds, device="cpu")
 
 

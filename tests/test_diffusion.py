@@ -28,7 +28,7 @@ ODE_SOLVERS = [n for n in SOLVERS if not get_solver(n).stochastic]
 SDE_SOLVERS = [n for n in SOLVERS if get_solver(n).stochastic]
 FIRST_ORDER = ["ddim", "ode_dpmsolver_1", "ode_dpmsolver++_1"]
 HIGHER_ORDER = ["ode_dpmsolver_2M", "ode_dpmsolver++_2M", "heun", "pndm"]
-# Grids on which the first network level approaches the data as steps grow (see README, "Solvers"),
+# Grids on which the first network level approaches the data as steps grow (docs/solvers.md, "Accuracy checks"),
 # and the step counts to fit the order over. A discrete grid cannot refine below one index per step,
 # so its error stops converging: on the discrete cosine (from index 993) PNDM's error falls to a
 # floor of about 2e-5 by 100 steps, crossing zero at 128 (1.5e-7), so the fit stops at 96 there.
@@ -496,6 +496,7 @@ def test_nan_in_data_raises_one_clear_error():
         model.update(x0)
 
 
+@pytest.mark.slow
 def test_classifier_free_guidance_end_to_end_with_label_dropout():
     """Trained with condition dropout, one network samples p(x | c) at w=1 and p(x) at w=0."""
     from cleandiff_rl.nn import DQLMlp, IdentityCondition
@@ -531,29 +532,32 @@ def test_folded_conversion_matches_explicit_conversion(float64, time, schedule, 
         assert torch.allclose(a, b, atol=1e-8), solver
 
 
+@pytest.mark.slow
 def test_toy2d_trains_a_flow_matching_model_that_every_solver_samples(tmp_path):
     """pipelines/toy2d.py with `model.schedule=flow model.predict=v`: after 600 updates the samples are
-    within a few noise floors of the 8-mode mixture at 5 and 20 steps, for ODE, SDE and classic solvers."""
-    import sys
-    from pathlib import Path
-
+    within a few noise floors of the 8-mode mixture at 5 and 20 steps, for ODE, SDE and classic solvers;
+    it writes the sample grid and the quality-vs-NFE figure, and its table names its metric."""
+    from cleandiff_rl.toy2d import quality_table, run
     from cleandiff_rl.training import compose_config
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
-    try:
-        import toy2d
-    finally:
-        sys.path.pop(0)
     cfg = compose_config(["model.schedule=flow", "model.predict=v", "train.steps=600", "data.n_eval=1000",
                           "sample.solvers=[ddim,ode_dpmsolver++_2M,heun,sde_dpmsolver++_1]", "sample.steps=[1,5,20]",
                           "device=cpu"], config_name="toy2d")
-    rows, floor = toy2d.run(cfg, tmp_path)
+    rows, floor = run(cfg, tmp_path)
     sw = {(r["solver"], r["steps"]): r["sliced_wasserstein"] for r in rows}
     assert all(sw[solver, 20] < 3 * floor for solver in cfg.sample.solvers), (sw, floor)
     assert all(sw[solver, 1] > 5 * floor for solver in cfg.sample.solvers)  # one step: the mean, not the modes
-    assert (tmp_path / "samples.png").stat().st_size > 10_000 and (tmp_path / "results.csv").exists()
+    for figure in ("samples.png", "quality_vs_nfe.png"):
+        png = (tmp_path / figure).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, figure
+    assert (tmp_path / "results.csv").exists()
+    table = quality_table(rows, [1, 5, 20], floor)
+    assert "sliced Wasserstein-2 distance to the true mixture (lower is better" in table
+    heun = next(line for line in table.splitlines() if line.startswith("| heun "))
+    assert [cell.strip() for cell in heun.split("|")[2:5]] == [f"{sw['heun', s]:.3f}" for s in (1, 5, 20)]
 
 
+@pytest.mark.slow
 def test_a_one_step_student_keeps_the_teachers_modes_where_one_teacher_step_collapses():
     """distill(): from the same noise, one student step lands where 10 teacher ODE steps do, on data with
     two modes per condition; one DDIM step of the teacher itself lands near the mean between them."""

@@ -61,6 +61,7 @@ def layout(value: Any) -> Any:
     return type(value)
 
 
+@pytest.mark.slow
 def test_bc_trains_like_one_process_and_checkpoints_resume_either_way(hopper_random, tmp_path):
     """BC (deterministic): DDP's loss curve and weights are one process's with the same global batch, to
     float rounding; only rank 0 writes; a single process resumes a DDP checkpoint and DDP a single one."""
@@ -88,6 +89,7 @@ def test_bc_trains_like_one_process_and_checkpoints_resume_either_way(hopper_ran
         torch.testing.assert_close(final["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_diffusion_bc_final_loss_matches_one_process_within_2_percent(hopper_random, tmp_path):
     """Diffusion BC under DDP draws other noise on rank 1: its curve is not one process's, but it trains
     as well. Final loss: the mean of the last 30 logged points (300 updates) of 800 at global batch 512.
@@ -101,6 +103,7 @@ def test_diffusion_bc_final_loss_matches_one_process_within_2_percent(hopper_ran
     assert final[1] == pytest.approx(final[0], rel=0.02), final
 
 
+@pytest.mark.slow
 def test_a_global_batch_the_processes_cannot_share_is_one_clear_error(hopper_random, tmp_path):
     run = torchrun(overrides("bc", tmp_path / "bad", steps=10, batch_size=63))
     assert run.returncode != 0

@@ -12,6 +12,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from cleandiff_rl.training import compose_config
+from cleandiff_rl.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = re.compile(r"python pipelines/(\w+)\.py([^\n`#|]*)")
@@ -47,13 +48,13 @@ def first_job(overrides: list[str]) -> list[str]:
 
 def config_name(script: str) -> str:
     source = (REPO / "pipelines" / f"{script}.py").read_text()
-    return re.search(r'@hydra\.main\([^)]*config_name="(\w+)"', source).group(1)  # not another compose's
+    return re.search(r'^@pipeline\("(\w+)"\)', source, flags=re.M).group(1)  # not another compose's
 
 
 @pytest.mark.parametrize("where,script,overrides", documented_commands(), ids=lambda v: v if isinstance(v, str) else "")
 def test_documented_command_composes(where: str, script: str, overrides: list[str]):
     assert (REPO / "pipelines" / f"{script}.py").is_file(), where
-    compose_config(first_job(overrides), config_name=config_name(script))
+    validate(compose_config(first_job(overrides), config_name=config_name(script)), config_name(script))
 
 
 def anchors(page: Path) -> set[str]:

@@ -17,7 +17,7 @@ from cleandiff_rl import evaluation
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.data.registry import reference_scores
 from cleandiff_rl.diffusion import DiffusionModel
-from cleandiff_rl.evaluation import COLUMNS, evaluate, format_table, sweep
+from cleandiff_rl.evaluation import COLUMNS, evaluate, sweep, sweep_table
 from cleandiff_rl.nn import DQLMlp
 
 ENV = "InvertedPendulum-v5"  # obs 4, act 1, no reference scores
@@ -117,7 +117,7 @@ def test_sweep_writes_tables_and_tensorboard(tmp_path: Path):
     assert all(row["error"] == "" for row in table)
     assert list(tmp_path.glob("tb/events.out.tfevents.*"))
     assert not list(tmp_path.glob("*.tmp"))
-    text = format_table(rows)
+    text = sweep_table(rows)
     assert "heun" in text and "nfe" in text and "5 steps" in text
 
 
@@ -126,7 +126,7 @@ def test_sweep_records_sampler_errors(tmp_path: Path):
     rows = sweep(policy, solvers=["ddim"], steps=[1, 5], episodes=1, out_dir=tmp_path, progress=False)
     assert rows[0]["error"] is None and rows[0]["nfe"] == 1
     assert "at most 2 steps" in rows[1]["error"] and rows[1]["return_mean"] is None
-    assert "error" in format_table(rows)
+    assert "error" in sweep_table(rows)
 
 
 def test_sweep_rejects_bad_input_before_evaluating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

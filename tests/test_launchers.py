@@ -13,10 +13,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from offline_data import random_dataset
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from cleandiff_rl.agents import BC
-from cleandiff_rl.launching import launch
+from cleandiff_rl.launching import JobCallbacks, launch
 from cleandiff_rl.training import CONFIG_DIR, compose_config, register_configs, train
 from cleandiff_rl.utils import exclusive_run_dir, keep_latest, load_checkpoint
 
@@ -57,6 +58,7 @@ def launcher_config(*overrides: str) -> DictConfig:
         return compose("train", overrides=list(overrides), return_hydra_config=True).hydra.launcher
 
 
+@pytest.mark.slow
 def test_a_grid_of_12_runs_on_two_local_processes_matches_the_runs_one_by_one(hopper_random, tmp_path):
     """`train.py -m` over 2 algorithms x 3 seeds x 2 batch sizes on the local launcher (2 processes): 12 run
     folders, one per job (the batch size, a setting beyond the folder's name, is appended to it), each
@@ -78,6 +80,7 @@ def test_a_grid_of_12_runs_on_two_local_processes_matches_the_runs_one_by_one(ho
                               for seed in (0, 1)))
 
 
+@pytest.mark.slow
 def test_submitit_runs_the_jobs_locally_and_builds_a_slurm_array_job_without_submitting(hopper_random, tmp_path,
                                                                                         monkeypatch):
     """submitit's local executor runs launched trainings in their own processes, with the weights of the same
@@ -216,7 +219,7 @@ def test_keep_latest_copies_where_the_file_system_has_no_hard_links(tmp_path, mo
 
 def test_a_run_folder_holding_other_settings_is_not_resumed(hopper_random, tmp_path):
     """Pointing a training at a folder whose checkpoint was trained with another seed, batch or parameter
-    is one clear error (it used to continue that run, or report it finished); run-only settings resume; a
+    is one clear error (not a continuation of that run, nor a report that it finished); run-only settings resume; a
     folder another process is training in is refused."""
     base = [f"dataset={hopper_random}", "algo=bc", "steps=10", "eval_every=0", "device=cpu", "batch_size=32",
             "algo.params.hidden_dim=32", f"run_dir={tmp_path / 'run'}"]
@@ -282,3 +285,32 @@ def test_a_logged_job_keeps_its_output_and_a_job_refused_in_a_new_folder_leaves_
         Logged(_fails_after_writing)(job("crashed"))  # a job that wrote something keeps it, to resume or inspect
     assert sorted(p.name for p in (tmp_path / "crashed").iterdir()) == ["checkpoint.pt", "log.txt"]
     assert Logged(print)(job("ok")) is None and (tmp_path / "ok" / "log.txt").read_text().startswith("{'run_dir'")
+
+
+class Recorder(Callback):
+    """A job callback that notes its calls in `calls`."""
+
+    calls: list[tuple[str, str, object]] = []
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_job_start(self, config: DictConfig, **kwargs: object) -> None:
+        Recorder.calls.append(("start", self.name, config.value))
+
+    def on_job_end(self, config: DictConfig, job_return: object, **kwargs: object) -> None:
+        Recorder.calls.append(("end", self.name, job_return))
+
+
+def test_the_callbacks_a_config_names_run_around_each_job_in_hydras_order():
+    """`launch` gives the launcher the config's hydra.callbacks through Hydra's public Callback interface: in
+    order at a job's start, in reverse at its end, with what Hydra's job runner passes them."""
+    target = f"{Recorder.__module__}.Recorder"
+    callbacks = JobCallbacks(OmegaConf.create({"hydra": {"callbacks": {
+        "first": {"_target_": target, "name": "first"}, "second": {"_target_": target, "name": "second"}}}}))
+    Recorder.calls.clear()
+    callbacks.on_job_start(config=OmegaConf.create({"value": 7}), task_function=print)
+    callbacks.on_job_end(config=OmegaConf.create({"value": 7}), job_return="done")
+    assert Recorder.calls == [("start", "first", 7), ("start", "second", 7), ("end", "second", "done"),
+                              ("end", "first", "done")]
+    assert JobCallbacks(OmegaConf.create({"hydra": {}})).callbacks == []  # none named: nothing to call

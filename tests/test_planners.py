@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_agents import SMALL, train_config
 
 from cleandiff_rl.agents import DecisionDiffuser, Diffuser, load_policy
-from cleandiff_rl.evaluation import format_table, plan_figure, sweep
+from cleandiff_rl.evaluation import plan_figure, sweep, sweep_table
 from cleandiff_rl.training import train
 
 PLANNERS = ["diffuser", "decision_diffuser"]
@@ -117,17 +117,20 @@ def test_unet_planners_at_horizons_that_are_not_powers_of_two(name, params, hopp
     assert policy.last_plan.shape == (2, params["horizon"], 11)
 
 
+@pytest.mark.slow
 def test_sweep_counts_guidance_and_cfg_calls(trained, hopper_random, monkeypatch, tmp_path):
     monkeypatch.setenv("MINARI_DATASETS_PATH", hopper_random)
     diffuser, dd = (load_policy(str(trained[name])) for name in PLANNERS)
     rows = sweep(diffuser, solvers=["ddim", "ode_dpmsolver_2M"], steps=[2, 3], episodes=2, progress=False)
-    assert [(r["steps"], r["nfe"], r["guidance_calls"]) for r in rows] == [(2, 4, 2), (3, 6, 3)] * 2
+    # Diffuser: n_guide_steps (2) value gradients before every denoising step, as the original
+    assert [(r["steps"], r["nfe"], r["guidance_calls"]) for r in rows] == [(2, 6, 4), (3, 9, 6)] * 2
     rows = sweep(dd, solvers=["ddim"], steps=[2, 3], episodes=2, out_dir=tmp_path, progress=False)
     assert [(r["nfe"], r["guidance_calls"], r["cfg_batched"]) for r in rows] == [(2, 0, True), (3, 0, True)]
-    assert "one batched call per step" in format_table(rows)
+    assert "one batched call per step" in sweep_table(rows)
     assert "cfg_batched" in (tmp_path / "sweep.csv").read_text().splitlines()[0]
 
 
+@pytest.mark.slow
 def test_benchmark_acting_times_every_pair(trained, hopper_random, tmp_path):
     """The planning-time pipeline runs on a planner checkpoint and records the network calls it timed."""
     env = {**os.environ, "MINARI_DATASETS_PATH": hopper_random, "OMP_NUM_THREADS": "1"}
@@ -135,8 +138,8 @@ def test_benchmark_acting_times_every_pair(trained, hopper_random, tmp_path):
                     "solvers=[ddim,ddpm]", "steps=[2,3]", "min_seconds=0.01", "repeats=1", f"run_dir={tmp_path}"],
                    check=True, env=env, capture_output=True)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [(r["solver"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 4), ("ddim", 3, 6), ("ddpm", 2, 4),
-                                                                   ("ddpm", 3, 6)]
+    assert [(r["solver"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 6), ("ddim", 3, 9), ("ddpm", 2, 6),
+                                                                   ("ddpm", 3, 9)]
     assert all(r["ms_per_action"] > 0 for r in rows)
 
 

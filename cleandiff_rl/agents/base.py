@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cleandiff_rl.agents.acting import act_only_settings
 from cleandiff_rl.data.normalizers import Normalizer, normalizer_from_state
 from cleandiff_rl.data.torch_datasets import TransitionDataset
 from cleandiff_rl.diffusion.model import DiffusionModel, check_temperature
@@ -26,9 +27,10 @@ from cleandiff_rl.diffusion.solvers import get_solver
 from cleandiff_rl.utils import atomic_save, finite_floats, load_checkpoint, resolve_device
 
 CHECKPOINT_FORMAT = 1
-# Config fields only acting reads (no update does): a training may resume with other values and takes them.
-ACT_SETTINGS = ("temperature", "num_candidates", "selection", "selection_temperature", "rank_threshold",
-                "act_with_ema", "acting", "w_cg", "w_cfg", "target_return")
+# The shape of each batch key `train_step` may read: B the batch, H the horizon, obs / act the dimensions
+TRANSITIONS = {"obs": "B obs", "act": "B act", "rew": "B", "next_obs": "B obs", "terminal": "B", "timeout": "B",
+               "done": "B"}
+WINDOWS = {"obs": "B H obs", "act": "B H act", "values": "B", "mask": "B H"}
 
 
 def make_config(cls: type, values: dict[str, Any] | None) -> Any:
@@ -73,8 +75,10 @@ class Agent(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
     is_diffusion: ClassVar[bool] = True
-    added_state: ClassVar[tuple[str, ...]] = ()  # state_dict keys newer than some checkpoints (e.g. IDQL's probe_obs)
+    has_critics: ClassVar[bool] = False  # rates actions by its critics' Q (`rate`): what critic_diagnostics checks
     ema_models: ClassVar[tuple[str, ...]] = ()  # attributes holding a DiffusionModel whose EMA `after_step` updates
+    batch_layout: ClassVar[dict[str, str]] = TRANSITIONS  # the shapes `check_batch` holds a batch to
+    batch_keys: ClassVar[tuple[str, ...]] = ("obs", "act", "rew", "next_obs", "terminal")  # those `train_step` reads
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | Any = None, *,
                  obs_normalizer: dict | None = None, env_id: str | None = None, dataset_id: str | None = None,
@@ -128,6 +132,13 @@ class Agent(nn.Module):
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """One training step on a batch of normalized transitions; returns scalar metric tensors.
 
+        The batch holds float tensors, B rows each (B = batch_size * `batches_per_step`): for a policy
+        obs and next_obs `(B, obs_dim)`, act `(B, act_dim)` in [-1, 1], rew and terminal `(B,)`; for a
+        planner windows of `horizon` H: obs `(B, H, obs_dim)`, act `(B, H, act_dim)`, values `(B,)`, mask
+        `(B, H)`. `batch_keys` names the keys an algorithm reads. `update` and `train` pass every batch
+        through `check_batch` first, which takes (B, 1) rewards, terminals and values (CORL's and d3rlpy's
+        layout) as (B,) and refuses any other shape.
+
         Tensor math only: no `.item()` or other host sync, no Python branch on a tensor value or a step
         counter. Training on a GPU captures it once in a CUDA graph and replays it (`CudaGraphStep`);
         per-step bookkeeping belongs in `after_step`.
@@ -146,9 +157,39 @@ class Agent(nn.Module):
 
         Raises FloatingPointError when a metric is NaN/inf (the weights then hold NaN: resume from a checkpoint).
         """
-        metrics = self.train_step(batch)
+        metrics = self.train_step(self.check_batch(batch))
         self.after_step()
         return finite_floats(metrics, f"at {self.name} update {self.updates}")
+
+    def check_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`batch` in the layout `train_step` takes (see there), or one ValueError naming the key, its shape
+        and the expected one: a per-sample value (rewards, terminals, values) of shape (B, 1) becomes (B,)
+        (left so, it would broadcast a TD target to (B, B)), bool or integer tensors become float, keys
+        outside `batch_layout` pass unchanged."""
+        missing = [key for key in self.batch_keys if key not in batch]
+        if missing:
+            raise ValueError(f"the {self.name} batch has no {missing}; train_step reads {list(self.batch_keys)}")
+        for key in self.batch_layout:
+            if key in batch and not torch.is_tensor(batch[key]):
+                raise ValueError(f"batch[{key!r}] is a {type(batch[key]).__name__}; train_step takes torch tensors")
+        rows = batch["obs"].shape[0] if batch["obs"].dim() else 0
+        if rows == 0 or rows % self.batches_per_step:
+            raise ValueError(f"batch['obs'] has {rows} rows; {self.name} takes a positive multiple of its "
+                             f"{self.batches_per_step} batches per step")
+        sizes = {"B": rows, "H": getattr(self.config, "horizon", None), "obs": self.obs_dim, "act": self.act_dim}
+        out = dict(batch)
+        for key, layout in self.batch_layout.items():
+            if key not in batch:
+                continue
+            value, expected = batch[key], tuple(sizes[dim] for dim in layout.split())
+            if layout == "B" and tuple(value.shape) == (rows, 1):
+                value = value.reshape(rows)
+            if tuple(value.shape) != expected:
+                also = f" or ({rows}, 1)" if layout == "B" else ""
+                raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)}; {self.name} expects {expected}{also} "
+                                 f"(B = {rows}, the rows of batch['obs'])")
+            out[key] = value if value.is_floating_point() else value.float()
+        return out
 
     def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
         """Actions `(n, act_dim)` for normalized observations `(n, obs_dim)`."""
@@ -182,7 +223,7 @@ class Agent(nn.Module):
         masks: IDQL's LN-ResNet). Shapes are static (`dynamic=False`; `options` go to `torch.compile`).
         `act` runs eagerly (`torch.compiler.set_stance("force_eager")`): its batch shapes differ.
         Compiling happens at the first calls (up to a minute on a CPU); then a Diffusion-QL update on one
-        CPU core is 1.2-1.4x faster; IDQL and FQL gain nothing (README, "Training speed on a CPU").
+        CPU core is 1.2-1.4x faster; IDQL and FQL gain nothing (docs/scaling.md, "torch.compile").
         """
         networks: dict[int, tuple[str, nn.Module]] = {}
         for name, child in self.named_children():
@@ -251,9 +292,10 @@ class Agent(nn.Module):
         return self.set_sampling(**sampling)
 
     def act_settings(self) -> dict[str, Any]:
-        """How `act` acts now: solver and steps (None without a sampler) and the config's `ACT_SETTINGS`.
-        An evaluation records them, so a rerun can tell that a changed default makes a new result."""
-        acting = {key: getattr(self.config, key) for key in ACT_SETTINGS if hasattr(self.config, key)}
+        """How `act` acts now: solver and steps (None without a sampler) and the config's act-only settings
+        (`acting.act_setting` fields). An evaluation records them, so a rerun can tell that a changed default
+        makes a new result."""
+        acting = {key: getattr(self.config, key) for key in act_only_settings(self.config)}
         return {"solver": self.solver, "steps": self.steps, **acting}
 
     def chosen_settings(self) -> dict[str, Any]:
@@ -298,7 +340,9 @@ class Agent(nn.Module):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike, **extra: Any) -> Path:
-        """Write weights, optimizer states, config and normalizer atomically; `extra` rides along."""
+        """Write weights, optimizer states, config and normalizer atomically; `extra` rides along. Everything
+        is tensors and plain values (dict, list, tuple, str, int, float, bool, None): `load_checkpoint` reads
+        checkpoints weights-only and refuses any other object."""
         state = {
             "format": CHECKPOINT_FORMAT,
             "algo": self.name,
@@ -322,9 +366,7 @@ class Agent(nn.Module):
         agent = cls(state["obs_dim"], state["act_dim"], state["config"], obs_normalizer=state["obs_normalizer"],
                     env_id=state["env_id"], dataset_id=state["dataset_id"],
                     action_bounds=state.get("action_bounds"), device=device)
-        added = {key: value for key, value in agent.state_dict().items()
-                 if key in cls.added_state and key not in state["model"]}
-        agent.load_state_dict({**state["model"], **added})  # an older checkpoint keeps their initial values
+        agent.load_state_dict(state["model"])
         for key, opt in agent.optimizers().items():
             opt.load_state_dict(state["optimizers"][key])
         agent.updates = state["updates"]

@@ -28,6 +28,7 @@ class BC(Agent):
     name = "bc"
     Config = BCConfig
     is_diffusion = False
+    batch_keys = ("obs", "act")
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | BCConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)

@@ -3,12 +3,9 @@
 pi(a | s) is learned by denoising score matching on the dataset's (s, a) pairs alone, as in
 Diffusion Policy (Chi et al. 2023) for low-dimensional states, and exactly the "Diffusion-BC"
 baseline of the Diffusion-QL paper (Wang et al. 2023): Diffusion-QL's actor without its Q term.
-Acting draws one action per state.
+Acting draws one action per state (`selection: sample`); `selection: mode` takes one ODE sample from zero noise.
 
-Per update: 1 + `bc_updates` denoising steps, each on a batch of its own (the original: one). Hopper and
-halfcheetah medium-expert take 3, as Diffusion-QL's actor does on medium-expert: the MLP underfits that data
-at a CPU budget's updates, and a step costs a few ms. Not walker2d medium-expert, where the better-fitted
-model's mode fell below BC (docs/measurements.md, session 29).
+Per update: 1 + `bc_updates` denoising steps, each on a batch of its own (the original: one, the default).
 """
 
 from __future__ import annotations
@@ -18,29 +15,34 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cleandiff_rl.agents.acting import ActingConfig, CandidateActing, sample_candidates
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import DiffusionActorConfig, diffusion_actor
 
 
 @dataclass
-class DiffusionBCConfig(DiffusionActorConfig):
+class DiffusionBCConfig(DiffusionActorConfig, ActingConfig):
     """Diffusion-QL's actor settings (see `DiffusionActorConfig`), so BC vs QL isolates the Q term."""
 
     bc_updates: int = 0  # extra denoising steps per update, each on its own batch (Diffusion-QL's `bc_updates`)
 
 
-class DiffusionBC(Agent):
+class DiffusionBC(CandidateActing, Agent):
     name = "diffusion_bc"
     Config = DiffusionBCConfig
     ema_models = ("actor",)
+    batch_keys = ("obs", "act")
+    selections = ("sample", "mode")  # no critic: nothing to rank candidates by
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | DiffusionBCConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
         cfg = self.config
         self.actor = diffusion_actor(cfg, act_dim, obs_dim, device=self.device)
+        self._init_acting(obs_dim)
 
     @classmethod
     def check_config(cls, cfg: DiffusionBCConfig) -> None:
+        super().check_config(cfg)
         if cfg.bc_updates < 0:
             raise ValueError(f"bc_updates must be >= 0, got {cfg.bc_updates}")
 
@@ -60,8 +62,8 @@ class DiffusionBC(Agent):
             losses.append(loss.detach())
         return {"actor/bc_loss": torch.stack(losses).mean(), "actor/grad_norm": torch.stack(grad_norms).mean()}
 
-    def _act(self, obs: Tensor, solver: str, steps: int, generator: torch.Generator | None) -> Tensor:
-        prior = obs.new_zeros(obs.shape[0], self.act_dim)
-        action, self.last_sample_log = self.actor.sample(prior, solver=solver, steps=steps, condition_cfg=obs,
-                                                         temperature=self.config.temperature, generator=generator)
-        return action
+    def draw(self, obs: Tensor, n: int, *, temperature: float, solver: str, steps: int,
+             generator: torch.Generator | None) -> tuple[Tensor, dict]:
+        """`n` actions per normalized observation from the EMA model."""
+        return sample_candidates(self.actor, obs, self.act_dim, n, solver=solver, steps=steps, temperature=temperature,
+                                 generator=generator)

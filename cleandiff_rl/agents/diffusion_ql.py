@@ -7,21 +7,15 @@ Per update (Zhendong-Wang/Diffusion-Policies-for-Offline-RL, agents/ql_diffusion
    L_q = -Q_i(s, a_pi) / mean|Q_j(s, a_pi)| (i random, j the other, the denominator detached)
    with a_pi sampled from the online actor *with gradients through every sampling step*.
 3. Both gradient norms are clipped at the per-task `grad_norm`; targets track the critic with
-   tau = 0.005 every step; the actor's EMA (0.995) updates every 5 steps from step 1000.
+   tau = 0.005 every step; the actor's EMA (0.995) updates every 5 steps from step 1000 (copying the actor
+   before; `ema_warmup: hold` keeps the initial weights until then, as the original, see `after_step`).
 4. `bc_updates` > 0 (the original: 0) adds that many denoising-only actor steps, each on a batch of its own:
    they cost no sampling chain (a tenth of an update each on the MLP), and the actor's BC loss is what the
-   updates of a CPU budget leave unfitted on medium-expert data (Diffusion BC's mode there: 58.8 at 30k updates,
-   73.9 at 100k, against BC's 71.3; docs/measurements.md, session 26).
+   updates of a CPU budget leave unfitted on medium-expert data.
 The critics are the original's 3 x 256 Mish MLPs; `critic_layer_norm` adds LayerNorm after each hidden
-layer (CleanDiffuser's DQLCritic), which bounds Q far from the data: walker2d medium's and medium-replay's default.
-Acting: sample `num_candidates` actions per state and draw one with probability softmax(Q) (the
-original's). This project's `selection: auto` (the default) does so only where the critics can rank a
-state's candidates (`rank_ratio` > `rank_threshold`, 1.2, with the target critics' min Q as the score,
-agents/common.py `RankedCandidates`), and acts at the actor's mode (one ODE sample at temperature 0)
-elsewhere. Its threshold is higher than IDQL's and FQL's 0.75: selecting won at ratios 1.41-1.42
-(hopper and halfcheetah medium-replay: softmax 23.8 against the mode's 12.4, 36.9 against 35.2) and lost
-up to 59 points at 0.82-1.01 (medium-expert; walker2d medium-replay with a LayerNorm critic: 27.2
-against 48.2), docs/measurements.md session 24. `selection: mode` always acts at the mode.
+layer (CleanDiffuser's DQLCritic), which bounds Q far from the data (opt-in).
+Acting (`selection: softmax`, the original's): sample 50 actions per state from the online actor and draw
+one with probability softmax(min Q of the target critics); any rule of agents/acting.py is opt-in.
 """
 
 from __future__ import annotations
@@ -33,21 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cleandiff_rl.agents.acting import CandidateActing, SelectionConfig, act_setting, sample_candidates
 from cleandiff_rl.agents.base import Agent
-from cleandiff_rl.agents.common import (
-    DiffusionActorConfig,
-    RankedCandidates,
-    TwinQ,
-    diffusion_actor,
-    sample_candidates,
-)
+from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_actor
 from cleandiff_rl.utils import optimizer_step, soft_update
 
 
 @dataclass
-class DiffusionQLConfig(DiffusionActorConfig):
-    """Defaults: the original's (main.py, hopper-medium); per-task eta, grad_norm and critic_layer_norm are
-    in configs/task.
+class DiffusionQLConfig(DiffusionActorConfig, SelectionConfig):
+    """Defaults: the original's (main.py, hopper-medium); per-task eta and grad_norm (main.py's) are in
+    configs/task.
 
     Time is discrete (T = 5), as in the original, and this matters: the Q term trains the network only
     at the times the sampler visits. With continuous time the BC loss almost never samples those exact
@@ -64,20 +53,22 @@ class DiffusionQLConfig(DiffusionActorConfig):
     critic_lr: float = 3e-4
     critic_hidden: int = 256
     critic_layer_norm: bool = False  # LayerNorm after each critic layer (CleanDiffuser's DQLCritic; the original has none)
-    num_candidates: int = 50  # actions sampled per state when acting
-    selection: str = "auto"  # softmax where the critics rank candidates, else the mode; mode | softmax (the original) | argmax
-    selection_temperature: float = 1.0
-    rank_threshold: float = 1.2  # auto: select among candidates when `rank_ratio` exceeds this (IDQL, FQL: 0.75)
-    act_with_ema: bool = True  # the original acts with the online actor; the EMA one is steadier
+    selection: str = act_setting("softmax")  # the original's; sample | mode | argmax | auto (agents/acting.py)
+    num_candidates: int = act_setting(50)  # actions sampled per state when selecting
+    rank_threshold: float = act_setting(1.2)  # auto: above the shared 0.75, as selecting lost to the mode up to ratio ~1 (CPU-preset checkpoints)
+    act_with_ema: bool = act_setting(False)  # the original samples the online actor; True: the EMA actor, steadier between updates
     bc_updates: int = 0  # extra denoising-only actor steps per update, each on its own batch (the original: 0)
+    ema_warmup: str = "copy"  # before ema_start the EMA copies the actor; hold: keeps its initial weights (the original's)
 
 
-class DiffusionQL(RankedCandidates, Agent):
+class DiffusionQL(CandidateActing, Agent):
     name = "dql"
+    has_critics = True
     Config = DiffusionQLConfig
     ema_models = ("actor",)
-    auto_selection = "softmax"  # the paper's
-    selections = ("softmax", "argmax")
+    selections = ("softmax", "sample", "mode", "argmax", "auto")
+    auto_selection = "softmax"
+    mode_name = "actor's mode"
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | DiffusionQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -88,13 +79,15 @@ class DiffusionQL(RankedCandidates, Agent):
         self.critic = TwinQ(obs_dim, act_dim, hidden, act="mish", layer_norm=cfg.critic_layer_norm).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
-        self._init_probes(obs_dim)
+        self._init_acting(obs_dim)
 
     @classmethod
     def check_config(cls, cfg: DiffusionQLConfig) -> None:
-        cls.check_selection(cfg.selection)
+        super().check_config(cfg)
         if cfg.bc_updates < 0:
             raise ValueError(f"bc_updates must be >= 0, got {cfg.bc_updates}")
+        if cfg.ema_warmup not in ("copy", "hold"):
+            raise ValueError(f"unknown ema_warmup {cfg.ema_warmup!r}; valid: copy, hold")
 
     @property
     def batches_per_step(self) -> int:
@@ -102,6 +95,20 @@ class DiffusionQL(RankedCandidates, Agent):
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer, "critic": self.critic_optimizer}
+
+    def after_step(self) -> None:
+        """`ema_warmup: copy`: every DiffusionModel's EMA rule (`ema_update`). `hold`: the original's
+        (ql_diffusion.py `step_ema`): after update k (from 0) the EMA averages when k >= ema_start and
+        k % ema_every == 0, and keeps its initial weights before."""
+        cfg = self.config
+        if cfg.ema_warmup == "copy":
+            return super().after_step()
+        self.updates += 1
+        k, self.actor.updates = self.actor.updates, self.actor.updates + 1
+        if k >= cfg.ema_start and k % cfg.ema_every == 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.actor.model_ema.parameters()), list(self.actor.model.parameters()),
+                                     1.0 - cfg.ema_rate)
 
     def _sample(self, obs: Tensor, *, use_ema: bool, requires_grad: bool = False) -> Tensor:
         prior = obs.new_zeros(obs.shape[0], self.act_dim)
@@ -143,12 +150,13 @@ class DiffusionQL(RankedCandidates, Agent):
                 "critic/loss": critic_loss.detach(), "critic/grad_norm": critic_grad,
                 "critic/q_mean": q1.detach().mean(), "critic/target_mean": target.mean()}
 
-    def candidates(self, obs: Tensor, solver: str, steps: int,
-                   generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-        """The act-time candidates for normalized observations `(b, obs_dim)` and how the critic rates them:
-        obs repeated `(b * n, obs_dim)`, actions `(b * n, act_dim)` and their target-critic min Q `(b * n,)`."""
-        cfg = self.config
-        obs_rep, actions, self.last_sample_log = sample_candidates(
-            self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, temperature=cfg.temperature,
-            use_ema=self.acts_with_ema, generator=generator)
-        return obs_rep, actions, self.critic_target.q_min(obs_rep, actions)
+    def draw(self, obs: Tensor, n: int, *, temperature: float, solver: str, steps: int,
+             generator: torch.Generator | None) -> tuple[Tensor, dict]:
+        """`n` actions per normalized observation from the actor (the online one unless `act_with_ema`)."""
+        return sample_candidates(self.actor, obs, self.act_dim, n, solver=solver, steps=steps, temperature=temperature,
+                                 use_ema=self.config.act_with_ema, generator=generator)
+
+    def rate(self, obs_rep: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The target critics' min Q (the original's selection score) and both target critics' Q."""
+        q1, q2 = self.critic_target(obs_rep, actions)
+        return torch.minimum(q1, q2), q1, q2

@@ -8,54 +8,36 @@ Per update (philippe-eecs/IDQL, jaxrl5/agents/ddpm_iql_simple/ddpm_iql_learner.p
    never sees Q, so actor and critic train independently, and each gets its own budget: a value +
    critic update costs about a quarter of a behavior-model update on one CPU core, so
    `critic_updates > 1` buys more critic updates for less than their share of time (the original: 1).
-Acting (`selection: auto`, the default): act by argmax Q only where the critic can rank a state's
-candidates, else at the behavior model's mode; `rank_ratio` (agents/common.py `RankedCandidates`)
-measures it once per set of weights on 256 dataset states fixed before training, with the target
-critics' min Q as the score.
-- ratio > `rank_threshold` (0.75): sample `num_candidates` actions from the EMA behavior model and take
-  the one with the highest min Q (`selection: argmax`, the released code's evaluation). On
-  medium-replay this scores 3-8x BC.
-- else: one sample from zero noise (temperature 0) with an ODE solver (the one asked for; DDIM in place of
-  a stochastic one), the behavior model's mode. Where the critic's
-  ranking of a state's actions is noise (hopper medium and medium-expert: ratio 0.46 and 0.45,
-  medium-replay 1.47), argmax lost 6 and 32 points to the mode (README).
-An agent without probe states (`prepare` never ran) acts by argmax. `selection: mode` always acts at the
-mode. On medium-expert `auto` took the mode on every build (ratios 0.45-0.63), and there the mode and the
-argmax of 64 each lost 9-40 points on some build; the medium-expert tasks act by the argmax of 4
-(configs/algo/idql.yaml), which beat the mode and BC on every build measured.
-`selection: expectile` resamples with the expectile weights (the paper's; see `expectile_weights`);
-`argmax` and `softmax` always select among the candidates.
+Acting (`selection: argmax`, the released code's evaluation): sample `num_candidates` (64) actions from
+the EMA behavior model and take the one with the highest min Q of the target critics. `expectile` resamples
+by the expectile weights (the paper's implicit policy, `expectile_weights`); every rule of agents/acting.py
+is opt-in.
 Rewards are scaled by 1000 / (max - min episode return) of the dataset, as in the original.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cleandiff_rl.agents.acting import CandidateActing, SelectionConfig, act_setting, sample_candidates
 from cleandiff_rl.agents.base import Agent
-from cleandiff_rl.agents.common import (
-    SELECTIONS,
-    DiffusionActorConfig,
-    RANK_THRESHOLD,
-    RankedCandidates,
-    TwinQ,
-    diffusion_actor,
-    sample_candidates,
-)
+from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_actor
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
 
 
 @dataclass
-class IDQLConfig(DiffusionActorConfig):
+class IDQLConfig(DiffusionActorConfig, SelectionConfig):
     """Defaults: the original's (launcher train_ddpm_iql_offline.py); see `DiffusionActorConfig`."""
 
     weight_decay: float = 1e-4  # optax adamw default
+    lr_decay_steps: int = 3_000_000  # actor lr: cosine decay to 0 over these updates (optax's); 0: constant
     ema_rate: float = 0.999  # actor_tau 0.001 every step from step 0
     ema_every: int = 1
     ema_start: int = 0
@@ -67,10 +49,8 @@ class IDQLConfig(DiffusionActorConfig):
     critic_hidden: int = 256
     critic_updates: int = 1  # value + critic updates per behavior-model update, each on its own batch
     scale_rewards: bool = True  # r * 1000 / (max - min episode return)
-    num_candidates: int = 64
-    selection: str = "auto"  # argmax where the critic ranks candidates, else the mode; mode | argmax | expectile | softmax
-    selection_temperature: float = 1.0  # used by softmax only
-    rank_threshold: float = RANK_THRESHOLD  # auto: argmax when `rank_ratio` exceeds this
+    selection: str = act_setting("argmax")  # the released code's; sample | mode | softmax | expectile | auto
+    num_candidates: int = act_setting(64)  # the launcher's N at training-time evaluation
 
 
 def expectile_weights(advantage: Tensor, expectile: float) -> Tensor:
@@ -82,32 +62,48 @@ def expectile_weights(advantage: Tensor, expectile: float) -> Tensor:
     return torch.where(advantage > 0, expectile, 1.0 - expectile)
 
 
-class IDQL(RankedCandidates, Agent):
+class IDQL(CandidateActing, Agent):
     name = "idql"
+    has_critics = True
     Config = IDQLConfig
     ema_models = ("actor",)
-    auto_selection = "argmax"  # the released code's evaluation
-    selections = SELECTIONS
+    selections = ("argmax", "sample", "mode", "softmax", "expectile", "auto")
+    auto_selection = "argmax"
     mode_name = "behavior mode"
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | IDQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
         cfg = self.config
         self.actor = diffusion_actor(cfg, act_dim, obs_dim, device=self.device)
+        if cfg.lr_decay_steps:  # a tensor lr: `after_step` decays it in place, which a captured CUDA graph also sees
+            for group in self.actor.optimizer.param_groups:
+                group["lr"] = torch.tensor(cfg.lr, device=self.device)
         hidden = (cfg.critic_hidden,) * 2
         self.critic = TwinQ(obs_dim, act_dim, hidden, act="relu").to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.value = nn.Sequential(nn.LayerNorm(obs_dim), mlp(obs_dim, hidden, 1, "relu")).to(self.device)
+        value_norm = nn.LayerNorm(obs_dim, eps=1e-6)  # on the input only; flax's eps
+        self.value = nn.Sequential(value_norm, mlp(obs_dim, hidden, 1, "relu")).to(self.device)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=cfg.critic_lr)
         self.register_buffer("reward_scale", torch.ones((), device=self.device))
-        self._init_probes(obs_dim)
+        self._init_acting(obs_dim)
 
     @classmethod
     def check_config(cls, cfg: IDQLConfig) -> None:
-        cls.check_selection(cfg.selection)
+        super().check_config(cfg)
         if cfg.critic_updates < 1:
             raise ValueError(f"critic_updates must be >= 1, got {cfg.critic_updates}")
+
+    def after_step(self) -> None:
+        """The base bookkeeping (EMA), then the actor's next lr: lr (1 + cos(pi k / D)) / 2 after k updates."""
+        super().after_step()
+        if self.config.lr_decay_steps:
+            lr = self.config.lr * 0.5 * (1.0 + math.cos(math.pi * min(self.updates / self.config.lr_decay_steps, 1.0)))
+            for group in self.actor.optimizer.param_groups:
+                if isinstance(group["lr"], Tensor):
+                    group["lr"].fill_(lr)
+                else:  # a checkpoint written before the lr was a tensor
+                    group["lr"] = lr
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer, "critic": self.critic_optimizer, "value": self.value_optimizer}
@@ -143,7 +139,7 @@ class IDQL(RankedCandidates, Agent):
                 next_v = self.value(part["next_obs"]).squeeze(-1)
                 target = part["rew"] * self.reward_scale + cfg.discount * (1.0 - part["terminal"]) * next_v
             q1, q2 = self.critic(obs, act)
-            critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+            critic_loss = (F.mse_loss(q1, target) + F.mse_loss(q2, target)) / 2  # the mean over both heads, as the original
             optimizer_step(self.critic_optimizer, critic_loss, self.critic.parameters())
             soft_update(self.critic_target, self.critic, cfg.tau)
 
@@ -155,19 +151,17 @@ class IDQL(RankedCandidates, Agent):
         return {"actor/bc_loss": bc_loss.detach(), "actor/grad_norm": actor_grad, "value/loss": value_loss.detach(),
                 "value/v_mean": v.detach().mean(), "critic/loss": critic_loss.detach(), "critic/q_mean": q1.detach().mean()}
 
-    def candidates(self, obs: Tensor, solver: str, steps: int,
-                   generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-        """The act-time candidates for normalized observations `(b, obs_dim)` and how the critic rates them:
-        obs repeated `(b * n, obs_dim)`, actions `(b * n, act_dim)` from the EMA behavior model and their
-        target-critic min Q `(b * n,)`."""
-        cfg = self.config
-        obs_rep, actions, self.last_sample_log = sample_candidates(
-            self.actor, obs, self.act_dim, cfg.num_candidates, solver=solver, steps=steps, temperature=cfg.temperature,
-            generator=generator)
-        return obs_rep, actions, self.critic_target.q_min(obs_rep, actions)
+    def draw(self, obs: Tensor, n: int, *, temperature: float, solver: str, steps: int,
+             generator: torch.Generator | None) -> tuple[Tensor, dict]:
+        """`n` actions per normalized observation from the EMA behavior model."""
+        return sample_candidates(self.actor, obs, self.act_dim, n, solver=solver, steps=steps, temperature=temperature,
+                                 generator=generator)
 
-    def _selection_scores(self, obs_rep: Tensor, q: Tensor) -> Tensor:
-        """Q, or with `selection: expectile` the implicit policy's weights of the advantage Q - V."""
-        if self.config.selection != "expectile":
-            return q
-        return expectile_weights(q - self.value(obs_rep).squeeze(-1), self.config.expectile)
+    def rate(self, obs_rep: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The target critics' min Q (the released code's argmax score) and both target critics' Q."""
+        q1, q2 = self.critic_target(obs_rep, actions)
+        return torch.minimum(q1, q2), q1, q2
+
+    def implicit_weights(self, obs_rep: Tensor, score: Tensor) -> Tensor:
+        """`selection: expectile`: the implicit policy's weights of the advantage Q - V."""
+        return expectile_weights(score - self.value(obs_rep).squeeze(-1), self.config.expectile)

@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from cleandiff_rl.agents.base import Agent
+from cleandiff_rl.agents.acting import act_setting
+from cleandiff_rl.agents.base import WINDOWS, Agent
 from cleandiff_rl.data.torch_datasets import SequenceDataset
 
 
@@ -35,8 +36,8 @@ class PlannerConfig:
     predict: str = "x0"
     solver: str = "ddpm"
     sampling_steps: int = 20
-    temperature: float = 1.0  # scale of the initial noise
-    num_candidates: int = 1  # plans sampled per observation
+    temperature: float = act_setting(1.0)  # scale of the initial noise
+    num_candidates: int = act_setting(1)  # plans sampled per observation
     lr: float = 2e-4
     weight_decay: float = 0.0
     ema_rate: float = 0.995
@@ -54,6 +55,8 @@ class Planner(Agent):
 
     plans_actions: ClassVar[bool]
     ema_models = ("model",)
+    batch_layout = WINDOWS  # SequenceDataset's windows
+    batch_keys = ("obs", "act", "values", "mask")
 
     def __init__(self, obs_dim: int, act_dim: int, config: Any = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)

@@ -6,9 +6,11 @@ indices on that device and gathers, so the training loop makes no numpy copies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import gymnasium as gym
 import minari
 import numpy as np
 import torch
@@ -34,43 +36,103 @@ class Episodes:
 
 
 def read_episodes(dataset: minari.MinariDataset | str) -> Episodes:
-    """Read every episode of a Minari dataset (or dataset id) into flat arrays; reject NaN/inf."""
+    """Read every episode of a Minari dataset (or dataset id) into flat arrays, checked on the way: a
+    missing field, fields of mismatched lengths or sizes, NaN/inf in observations, actions or rewards,
+    or actions outside the action space is one ValueError naming the dataset, the field, how many steps
+    and the first one's episode and step."""
     if isinstance(dataset, str):
         dataset = load_dataset(dataset)
-    obs, act, rew, nxt, term, trunc = [], [], [], [], [], []
-    for ep in dataset.iterate_episodes():
+    name = dataset.spec.dataset_id
+    obs_size, act_size = _box_size(dataset.observation_space), _box_size(dataset.action_space)
+    obs, act, rew, term, trunc, ids = [], [], [], [], [], []
+    for ep in _episodes(dataset, name):
         o = np.asarray(ep.observations)
         if not isinstance(ep.observations, np.ndarray) or o.ndim != 2:
-            raise ValueError("only flat Box observations are supported (got a nested or image observation space)")
-        obs.append(o[:-1])
-        nxt.append(o[1:])
-        act.append(np.asarray(ep.actions).reshape(len(ep.rewards), -1))
-        rew.append(np.asarray(ep.rewards))
-        term.append(np.asarray(ep.terminations, bool))
-        trunc.append(np.asarray(ep.truncations, bool))
+            raise ValueError(f"dataset {name}: only flat Box observations are supported (got a nested or image "
+                             "observation space)")
+        fields = {"observations": o, "actions": np.asarray(ep.actions), "rewards": np.asarray(ep.rewards).reshape(-1),
+                  "terminations": np.asarray(ep.terminations, bool).reshape(-1),
+                  "truncations": np.asarray(ep.truncations, bool).reshape(-1)}
+        n = len(fields["rewards"])
+        lengths = {key: len(value) for key, value in fields.items()}
+        if lengths != {key: n + (key == "observations") for key in fields}:
+            raise ValueError(f"dataset {name}: episode {ep.id} has fields of mismatched lengths {lengths} (a Minari "
+                             "episode of N steps holds N + 1 observations and N of the others)")
+        a = fields["actions"].reshape(n, -1)
+        for field, size, expected in (("observations", o.shape[1], obs_size), ("actions", a.shape[1], act_size)):
+            if expected is not None and size != expected:
+                raise ValueError(f"dataset {name}: episode {ep.id} has {field} of size {size}; its {field[:-1]} space "
+                                 f"has {expected}")
+        obs.append(o)
+        act.append(a)
+        rew.append(fields["rewards"])
+        term.append(fields["terminations"])
+        trunc.append(fields["truncations"])
+        ids.append(int(ep.id))
     if not obs:
-        raise ValueError(f"dataset {dataset.spec.dataset_id} has no episodes")
+        raise ValueError(f"dataset {name} has no episodes")
     lengths = np.array([len(r) for r in rew])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    all_obs = np.concatenate(obs).astype(np.float32)  # every episode's N + 1 observations
+    obs_starts = starts + np.arange(len(lengths))
     out = Episodes(
-        obs=np.concatenate(obs).astype(np.float32),
+        obs=np.concatenate([o[:-1] for o in obs]).astype(np.float32),
         act=np.concatenate(act).astype(np.float32),
         rew=np.concatenate(rew).astype(np.float32),
-        next_obs=np.concatenate(nxt).astype(np.float32),
+        next_obs=np.concatenate([o[1:] for o in obs]).astype(np.float32),
         terminal=np.concatenate(term),
         timeout=np.concatenate(trunc),
-        starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]),
+        starts=starts,
         lengths=lengths,
     )
-    for name in ("obs", "act", "rew", "next_obs"):
-        bad = ~np.isfinite(getattr(out, name))
-        if bad.any():
-            row = int(np.flatnonzero(bad.reshape(len(bad), -1).any(-1))[0])
-            episode = int(np.searchsorted(out.starts, row, side="right") - 1)
-            raise ValueError(
-                f"dataset {dataset.spec.dataset_id}: non-finite {name} (first at episode {episode}, step "
-                f"{row - out.starts[episode]}); fix or rebuild the data"
-            )
+    for field, values, first in (("observations", all_obs, obs_starts), ("actions", out.act, starts),
+                                 ("rewards", out.rew, starts)):
+        count, episode, step = _bad_steps(~np.isfinite(values), first)
+        if count:
+            raise ValueError(f"dataset {name}: {count} step{'s' * (count > 1)} with non-finite (NaN/inf) {field}, "
+                             f"the first at episode {ids[episode]}, step {step}; fix or rebuild the data")
+    if act_size is not None:
+        low, high = (np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (act_size,))
+                     for b in (dataset.action_space.low, dataset.action_space.high))
+        slack = 1e-5 * np.maximum(1.0, np.abs(np.stack([low, high])))  # float32 rounding of a clipped action
+        outside = (out.act < low - slack[0]) | (out.act > high + slack[1])
+        count, episode, step = _bad_steps(outside, starts)
+        if count:
+            row = starts[episode] + step
+            dim = int(np.flatnonzero(outside[row])[0])
+            raise ValueError(f"dataset {name}: {count} step{'s' * (count > 1)} with actions outside the action space, "
+                             f"the first at episode {ids[episode]}, step {step}: action[{dim}] = {out.act[row, dim]:.4g} "
+                             f"not in [{low[dim]:.4g}, {high[dim]:.4g}]; fix or rebuild the data")
     return out
+
+
+def _box_size(space: gym.Space) -> int | None:
+    """The number of entries of a Box space (None for any other space)."""
+    return int(np.prod(space.shape)) if isinstance(space, gym.spaces.Box) else None
+
+
+def _episodes(dataset: minari.MinariDataset, name: str) -> Iterator[minari.EpisodeData]:
+    """`dataset.iterate_episodes()`; a field missing from an episode's storage is one clear ValueError."""
+    episodes = dataset.iterate_episodes()
+    for index in dataset.episode_indices:
+        try:
+            episode = next(episodes)
+        except (KeyError, OSError) as error:  # h5py: "Unable to ... open object (object 'rewards' doesn't exist)"
+            field = re.search(r"object '(\w+)' doesn't exist", str(error))
+            what = (f"no {field[1]!r} field" if field else
+                    f"a field that cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:80]})")
+            raise ValueError(f"dataset {name}: episode {index} has {what}; fix or rebuild the data") from None
+        yield episode
+
+
+def _bad_steps(bad: np.ndarray, starts: np.ndarray) -> tuple[int, int, int]:
+    """How many rows of `bad` (rows, ...) hold a True, and the first one's episode (position in `starts`,
+    each episode's first row) and step; (0, -1, -1) when none."""
+    rows = np.flatnonzero(bad.reshape(len(bad), -1).any(-1))
+    if not len(rows):
+        return 0, -1, -1
+    episode = int(np.searchsorted(starts, rows[0], side="right") - 1)
+    return len(rows), episode, int(rows[0] - starts[episode])
 
 
 def dataset_average(dataset_id: str) -> float:

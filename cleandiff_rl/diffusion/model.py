@@ -276,7 +276,8 @@ class DiffusionModel(nn.Module):
 
     def sample(self, prior: Tensor, *, solver: str | Solver = "ddim", steps: int = 10,
                step_schedule: str = "uniform", x_T: Tensor | None = None, temperature: float = 1.0,
-               use_ema: bool = True, condition_cfg: Tensor | None = None, w_cfg: float = 1.0,
+               step_temperature: float = 1.0, use_ema: bool = True, condition_cfg: Tensor | None = None,
+               w_cfg: float = 1.0,
                condition_cg: Tensor | None = None, w_cg: float = 0.0,
                generator: torch.Generator | None = None, requires_grad: bool = False) -> tuple[Tensor, dict]:
         """Draw `prior.shape[0]` samples.
@@ -285,6 +286,7 @@ class DiffusionModel(nn.Module):
         solver: a name from `SOLVERS` or a configured `Solver` (e.g. `DDIM(eta=0.5)`).
         x_T: explicit initial noise at the grid's first level `log["t"][0]` (the schedule's
             `t_start`); else `sigma there * temperature * N(0, I)`.
+        step_temperature: scale of every stochastic step's noise (Decision Diffuser's low temperature: 0.5).
         condition_cfg / w_cfg: the condition and the classifier-free guidance weight in
             eps = eps_uncond + w (eps_cond - eps_uncond): 0 = unconditional, 1 = conditional only
             (one pass; the default), > 1 = guided, the two passes batched into one call of 2n rows.
@@ -309,6 +311,9 @@ class DiffusionModel(nn.Module):
         def noise() -> Tensor:
             return torch.randn(prior.shape, generator=generator, device=self.device, dtype=prior.dtype)
 
+        def step_noise() -> Tensor:
+            return noise().mul_(step_temperature)
+
         with torch.set_grad_enabled(requires_grad):
             denoise = _Denoiser(self, self.model_ema if use_ema else self.model, n,
                                 None if condition_cfg is None else condition_cfg.to(self.device), w_cfg,
@@ -319,7 +324,7 @@ class DiffusionModel(nn.Module):
                 x = torch.where(mask, prior, x)
             outputs: deque = deque(maxlen=solver.history)
             for i, coef in enumerate(plan):
-                x = solver.step(x, i, levels, coef, denoise, outputs, noise)
+                x = solver.step(x, i, levels, coef, denoise, outputs, noise if step_temperature == 1.0 else step_noise)
                 if mask is not None:
                     x = torch.where(mask, prior, x)
             if denoise.clip:

@@ -175,7 +175,7 @@ class Solver:
         outputs.appendleft(denoise(x, levels[i], coef.param or self.param))
         x = x * coef.a
         for b, d in zip(coef.b, outputs):
-            x = x.add_(d, alpha=b)
+            x = torch.add(x, d, alpha=b)  # not in place: under vmap (seed ensembles) x may be unbatched, d batched
         if coef.noise:
             x = x.add_(noise(), alpha=coef.noise)
         return x

@@ -96,17 +96,22 @@ class TimeConditionEmbedding(nn.Module):
     The condition is added through a bias-free linear map (the time MLP already has biases),
     so the null condition (zeros) and `condition=None` give bit-identical embeddings and the
     None path costs nothing. A module built with cond_dim=0 ignores any condition.
+    `concat=True` instead returns [time_mlp(t); condition] (Decision Diffuser's TemporalUnet).
     """
 
-    def __init__(self, time_mlp: TimeMLP, cond_dim: int = 0):
+    def __init__(self, time_mlp: TimeMLP, cond_dim: int = 0, concat: bool = False):
         super().__init__()
         self.time_mlp = time_mlp
-        self.cond_proj = nn.Linear(cond_dim, time_mlp.out_dim, bias=False) if cond_dim else None
-        self.out_dim = time_mlp.out_dim
+        self.cond_proj = nn.Linear(cond_dim, time_mlp.out_dim, bias=False) if cond_dim and not concat else None
+        self.concat_dim = cond_dim if concat else 0  # Decision Diffuser's [time; condition], width time + cond_dim
+        self.out_dim = time_mlp.out_dim + self.concat_dim
 
     def forward(self, t: Tensor, condition: Tensor | None = None) -> Tensor:
         """(batch,) time, (batch, cond_dim) condition or None -> (batch, out_dim)."""
         emb = self.time_mlp(t)
+        if self.concat_dim:  # condition None: the null condition, zeros
+            cond = emb.new_zeros(emb.shape[0], self.concat_dim) if condition is None else condition
+            return torch.cat([emb, cond], dim=-1)
         if condition is None or self.cond_proj is None:
             return emb
         return emb + self.cond_proj(condition)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,8 @@ class Mish(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and fast_paths_enabled():
-            if torch.compiler.is_compiling():  # plain ops, which inductor fuses with the layers around them
+            # plain ops: inductor fuses them with the layers around them; vmap (seed ensembles) takes no autograd.Function
+            if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
                 return _sigmoid_mish(x)
             return _SigmoidMish.apply(x)
         return F.mish(x)
@@ -63,18 +64,19 @@ def _sigmoid_mish(x: Tensor) -> Tensor:
     return x * (g / (2.0 - g))
 
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "mish": Mish,
     "silu": nn.SiLU,
     "swish": nn.SiLU,  # the JAX name used by IDQL
     "relu": nn.ReLU,
     "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # flax.linen's nn.gelu (its default approximate=True)
     "tanh": nn.Tanh,
 }
 
 
 def activation(name: str) -> nn.Module:
-    """A fresh activation module by name: mish, silu/swish, relu, gelu, tanh."""
+    """A fresh activation module by name: mish, silu/swish, relu, gelu, gelu_tanh, tanh."""
     try:
         return _ACTIVATIONS[name.lower()]()
     except KeyError:
@@ -82,11 +84,19 @@ def activation(name: str) -> nn.Module:
 
 
 def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, act: str = "mish",
-        layer_norm: bool = False) -> nn.Sequential:
-    """in -> [Linear -> (LayerNorm) -> act] per hidden width -> Linear(out); no activation on the output."""
+        layer_norm: bool | str = False) -> nn.Sequential:
+    """in -> [Linear -> (LayerNorm) -> act] per hidden width -> Linear(out); no activation on the output.
+
+    layer_norm="post": Linear -> act -> LayerNorm(eps 1e-6) instead, the MLP of the jaxrl family (FQL's critic).
+    """
+    if layer_norm not in (False, True, "post"):
+        raise ValueError(f"layer_norm must be False, True or 'post', got {layer_norm!r}")
     dims = [in_dim, *hidden_dims]
     layers: list[nn.Module] = []
     for d_in, d_out in zip(dims[:-1], dims[1:]):
+        if layer_norm == "post":
+            layers += [nn.Linear(d_in, d_out), activation(act), nn.LayerNorm(d_out, eps=1e-6)]
+            continue
         layers += [nn.Linear(d_in, d_out), *([nn.LayerNorm(d_out)] if layer_norm else []), activation(act)]
     layers.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)

@@ -49,11 +49,11 @@ class DQLMlp(_MLPBackbone):
 
 
 class _ResidualBlock(nn.Module):
-    """x + Linear(act(Linear_4h(LayerNorm(Dropout(x))))): IDQL's MLPResNetBlock."""
+    """x + Linear(act(Linear_4h(LayerNorm(Dropout(x))))): IDQL's MLPResNetBlock (LayerNorm eps 1e-6, flax's)."""
 
     def __init__(self, dim: int, dropout: float, act: str):
         super().__init__()
-        self.body = nn.Sequential(nn.Dropout(dropout), nn.LayerNorm(dim), nn.Linear(dim, 4 * dim),
+        self.body = nn.Sequential(nn.Dropout(dropout), nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim),
                                   activation(act), nn.Linear(4 * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -85,16 +85,24 @@ class IDQLMlp(_MLPBackbone):
 
 
 class FlowMlp(nn.Module):
-    """FQL's velocity field (Park et al. 2025): concat[condition, x, t] -> n_layers x (Linear hidden_dim +
-    GELU) -> Linear(x_dim). The time enters as the raw scalar in [0, 1], with no embedding."""
+    """FQL's velocity field (Park et al. 2025): concat[x, t, condition] -> n_layers x (Linear hidden_dim +
+    GELU, flax's tanh form) -> Linear(x_dim). The time enters as the raw scalar in [0, 1], with no embedding.
 
-    def __init__(self, x_dim: int, cond_dim: int = 0, hidden_dim: int = 512, n_layers: int = 4, act: str = "gelu"):
+    data_at_one (the original's): the network reads s = 1 - t, the original's time (noise at 0, data at 1),
+    and outputs the original's velocity x_data - noise, negated here into this project's v = eps - x0 at t.
+    The same function either way, but Adam follows another path when the time input is flipped.
+    """
+
+    def __init__(self, x_dim: int, cond_dim: int = 0, hidden_dim: int = 512, n_layers: int = 4,
+                 act: str = "gelu_tanh", data_at_one: bool = True):
         super().__init__()
-        self.cond_dim = cond_dim
+        self.cond_dim, self.data_at_one = cond_dim, data_at_one
         self.net = mlp(x_dim + 1 + cond_dim, (hidden_dim,) * n_layers, x_dim, act)
 
     def forward(self, x: Tensor, t: Tensor, condition: Tensor | None = None) -> Tensor:
         if self.cond_dim and condition is None:
             condition = x.new_zeros(x.shape[0], self.cond_dim)
-        parts = [x, t.to(x.dtype)[:, None]] + ([condition] if self.cond_dim else [])
-        return self.net(torch.cat(parts, -1))
+        t = t.to(x.dtype)[:, None]
+        parts = [x, 1.0 - t if self.data_at_one else t] + ([condition] if self.cond_dim else [])
+        out = self.net(torch.cat(parts, -1))
+        return -out if self.data_at_one else out

@@ -75,8 +75,9 @@ class _Level(nn.Module):
         return self.attn(self.block2(self.block1(h, emb), emb))
 
 
-def _embedding(model_dim: int, cond_dim: int, time_embedding: str) -> TimeConditionEmbedding:
-    return TimeConditionEmbedding(TimeMLP(model_dim, 4 * model_dim, model_dim, embedding=time_embedding), cond_dim)
+def _embedding(model_dim: int, cond_dim: int, time_embedding: str, concat: bool = False) -> TimeConditionEmbedding:
+    return TimeConditionEmbedding(TimeMLP(model_dim, 4 * model_dim, model_dim, embedding=time_embedding), cond_dim,
+                                  concat)
 
 
 class JannerUNet1d(nn.Module):
@@ -86,6 +87,9 @@ class JannerUNet1d(nn.Module):
     stride-2 conv down / transposed conv up between levels; optional linear attention per level.
     As in Diffuser, the full-resolution skip is not reused (the last up level upsamples to it).
 
+    `concat_condition`: the blocks read [time embedding; condition] (width model_dim + cond_dim) instead of
+    their sum, as Decision Diffuser's TemporalUnet with its returns embedding.
+
     Any horizon H >= 1: the horizon is padded at the end to a multiple of 2**(levels-1) by
     replicating the last step, then the output is cropped back to H. Padding is a function of
     the input alone, so the output is a deterministic function of the H real steps (GroupNorm
@@ -94,13 +98,14 @@ class JannerUNet1d(nn.Module):
 
     def __init__(self, x_dim: int, cond_dim: int = 0, model_dim: int = 32, dim_mults: Sequence[int] = (1, 2, 4, 8),
                  kernel_size: int = 5, attention: bool = False, *, n_groups: int = 8,
-                 time_embedding: str = "sinusoidal"):
+                 time_embedding: str = "sinusoidal", concat_condition: bool = False):
         super().__init__()
         dims = [x_dim, *(model_dim * m for m in dim_mults)]
         in_out = list(zip(dims[:-1], dims[1:]))
         self.multiple = 2 ** (len(in_out) - 1)
-        self.embedding = _embedding(model_dim, cond_dim, time_embedding)
-        block = partial(_ResidualTemporalBlock, emb_dim=model_dim, kernel_size=kernel_size, n_groups=n_groups)
+        self.embedding = _embedding(model_dim, cond_dim, time_embedding, concat_condition)
+        block = partial(_ResidualTemporalBlock, emb_dim=self.embedding.out_dim, kernel_size=kernel_size,
+                        n_groups=n_groups)
 
         def attn(c: int) -> nn.Module:
             return _LinearAttention(c) if attention else nn.Identity()

@@ -10,7 +10,8 @@ from cleandiff_rl.utils.distributed import (all_reduce_gradients, barrier, mean_
 from cleandiff_rl.utils.fast import fast_paths
 from cleandiff_rl.utils.optim import finite_floats, optimizer_step, soft_update
 from cleandiff_rl.utils.preemption import Preemption
+from cleandiff_rl.utils.tables import format_table
 
 __all__ = ["CudaGraphStep", "Preemption", "all_reduce_gradients", "atomic_save", "atomic_write", "barrier", "exclusive_run_dir", "fast_paths", "finite_floats",
-           "keep_latest", "load_checkpoint", "made_dirs", "mean_call_seconds", "mean_over_ranks", "optimizer_step", "process_group", "rank",
+           "format_table", "keep_latest", "load_checkpoint", "made_dirs", "mean_call_seconds", "mean_over_ranks", "optimizer_step", "process_group", "rank",
            "rank_share", "resolve_device", "seed_everything", "soft_update", "world_size", "write_csv"]

@@ -1,5 +1,5 @@
 """Atomic file writes: a crash mid-write never leaves a truncated checkpoint, table or result file behind;
-and one process at a time per run folder."""
+weights-only checkpoint loading (a checkpoint file runs no code); and one process at a time per run folder."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import contextlib
 import csv
 import fcntl
 import os
+import pickle
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 
@@ -70,16 +72,44 @@ def keep_latest(checkpoint: str | os.PathLike, folder: str | os.PathLike, step: 
     return files[-count:]
 
 
+# Numpy arrays and scalars of plain dtypes: data only (an object array's items go through the same
+# restricted unpickler). Checkpoints written before saves became tensors and plain types hold them (RNG states).
+NUMPY_DATA = (
+    (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+    (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),  # written by numpy 1
+    (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    np.ndarray, np.dtype, *sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSU"}, key=str),
+)
+
+
+# How torch's weights-only unpickler words refusing a global (a function to call, a class to build)
+REFUSED = ("GLOBAL", "unrecognized function", "Can only create new object", "Can only build")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by `atomic_save`; a missing or unreadable file is one clear error naming it."""
+    """Load a checkpoint written by `atomic_save`, weights only: tensors, plain Python values (dict, list,
+    tuple, str, int, float, bool, None) and numpy arrays of plain dtypes, so loading a file runs no code
+    from it. Checkpoints written before loading became weights-only load unchanged (their one non-plain
+    part, numpy's RNG state, is such an array). A missing, unreadable or non-weights file is one short
+    ValueError (FileNotFoundError) naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    unreadable = f"{path} is not a readable checkpoint (truncated or not written by cleandiff_rl)"
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as error:  # truncated zip, not a torch file, ...
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or not written by torch.save): "
-                         f"{error}") from error
+        with torch.serialization.safe_globals(list(NUMPY_DATA)):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if any(why in str(error) for why in REFUSED):  # a call or an object the weights-only load refused to make
+            raise ValueError(f"{path} is not a readable checkpoint: it holds objects other than tensors and plain "
+                             "values (refused; nothing in it was run)") from None
+        raise ValueError(unreadable) from None
+    except Exception:  # whatever else a file's bytes make torch.load raise: truncated zip, not a torch file, ...
+        raise ValueError(unreadable) from None
+    if not isinstance(state, dict):
+        raise ValueError(unreadable)
+    return state
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cleandiff_rl.agents.acting import ActingConfig, CandidateActing, sample_candidates
+from cleandiff_rl.agents.acting import ActingConfig, CandidateActing, act_setting, sample_candidates
 from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import DiffusionActorConfig, diffusion_actor
 
@@ -25,6 +25,7 @@ class DiffusionBCConfig(DiffusionActorConfig, ActingConfig):
     """Diffusion-QL's actor settings (see `DiffusionActorConfig`), so BC vs QL isolates the Q term."""
 
     bc_updates: int = 0  # extra denoising steps per update, each on its own batch (Diffusion-QL's `bc_updates`)
+    act_with_ema: bool = act_setting(False)  # the original's Diffusion_BC samples its online actor; True: the EMA one
 
 
 class DiffusionBC(CandidateActing, Agent):
@@ -64,6 +65,6 @@ class DiffusionBC(CandidateActing, Agent):
 
     def draw(self, obs: Tensor, n: int, *, temperature: float, solver: str, steps: int,
              generator: torch.Generator | None) -> tuple[Tensor, dict]:
-        """`n` actions per normalized observation from the EMA model."""
+        """`n` actions per normalized observation from the actor (the online one unless `act_with_ema`)."""
         return sample_candidates(self.actor, obs, self.act_dim, n, solver=solver, steps=steps, temperature=temperature,
-                                 generator=generator)
+                                 use_ema=self.config.act_with_ema, generator=generator)

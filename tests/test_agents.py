@@ -711,7 +711,8 @@ def test_benchmark_suite_builds_trains_tabulates_and_reruns_for_free(hopper_rand
     assert json.loads((out / "results.json").read_text())["rows"] == rows
     stale = out / names[0] / "diffusion_bc" / "evaluations" / "diffusion_bc" / "evaluation.json"
     record = json.loads(stale.read_text())
-    assert record["act_settings"] == {"solver": "ddpm", "steps": 5, "selection": "sample", "temperature": 1.0}
+    assert record["act_settings"] == {"solver": "ddpm", "steps": 5, "selection": "sample", "temperature": 1.0,
+                                      "act_with_ema": False}
     record["act_settings"]["temperature"] = 0.5  # as if the default had changed since this evaluation
     stale.write_text(json.dumps(record))
     subprocess.run(command, check=True, env=env, capture_output=True)

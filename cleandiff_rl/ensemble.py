@@ -47,7 +47,7 @@ from cleandiff_rl.training import (_rng_state, _set_rng_state, changed_settings,
                                    wall_budget)
 from cleandiff_rl.utils import (CudaGraphStep, Preemption, exclusive_run_dir, finite_floats, keep_latest,
                                 load_checkpoint, resolve_device, seed_everything)
-from cleandiff_rl.utils.fast import fast_paths_enabled
+from cleandiff_rl.utils.optim import use_fused_step
 
 Losses = tuple[dict[str, Tensor], dict[str, Tensor]]  # per optimizer its loss, and the metrics
 
@@ -222,10 +222,7 @@ class AgentEnsemble:
                 coef = (max_norm / (norms[key] + 1e-6)).clamp(max=1.0)
                 for p in params:
                     p.grad.mul_(coef.view(-1, *(1,) * (p.dim() - 1)))
-            if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-                fused = fast_paths_enabled() and params[0].device.type == "cpu"
-                for group in optimizer.param_groups:
-                    group["fused"] = fused or None
+            use_fused_step(optimizer, params[0].device)
             optimizer.step()
         return norms
 

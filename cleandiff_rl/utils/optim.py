@@ -32,12 +32,17 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, parameters: I
     parameters = list(parameters)
     all_reduce_gradients(parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm else math.inf)
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        fused = fast_paths_enabled() and parameters[0].device.type == "cpu"
-        for group in optimizer.param_groups:
-            group["fused"] = fused or None
+    use_fused_step(optimizer, parameters[0].device)
     optimizer.step()
     return grad_norm
+
+
+def use_fused_step(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Adam / AdamW step with the fused kernel on the CPU when fast paths are on (the same update)."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        fused = fast_paths_enabled() and device.type == "cpu"
+        for group in optimizer.param_groups:
+            group["fused"] = fused or None
 
 
 @torch.no_grad()

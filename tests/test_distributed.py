@@ -89,6 +89,29 @@ def test_bc_trains_like_one_process_and_checkpoints_resume_either_way(hopper_ran
         torch.testing.assert_close(final["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+EXIT_CHECK = """
+import os, sys
+from cleandiff_rl.training import compose_config, train
+train(compose_config(sys.argv[1:]))
+threads = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+assert not [name for name in threads if "gloo" in name], threads
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's threads from Linux's /proc")
+def test_the_process_group_is_gone_when_training_returns(hopper_random, tmp_path):
+    """train() leaves no gloo worker thread behind, also after resuming (the first optimizer step imports
+    torch._dynamo): a thread left running into interpreter exit can abort a rank after its work is done."""
+    train(compose_config(overrides("bc", tmp_path / "run", steps=20, batch_size=64)))
+    script = tmp_path / "train_then_check.py"
+    script.write_text(EXIT_CHECK)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               *overrides("bc", tmp_path / "run", steps=40, batch_size=64)]
+    run = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_diffusion_bc_final_loss_matches_one_process_within_2_percent(hopper_random, tmp_path):
     """Diffusion BC under DDP draws other noise on rank 1: its curve is not one process's, but it trains

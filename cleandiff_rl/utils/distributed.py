@@ -33,6 +33,10 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)  # CUDA-graph capture and its side streams use the current device
+    # Imported after the group starts (by the first optimizer step), torch._dynamo's distributed modules keep
+    # references to it, so destroy_process_group leaves its worker threads running into interpreter exit,
+    # where one can abort the process (SIGABRT) while freeing its last collective's tensors.
+    import torch._dynamo  # noqa: F401
     if device.type == "cuda":  # device_id (torch >= 2.3) binds NCCL to this rank's GPU at once
         dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
     else:

@@ -12,8 +12,8 @@ state back into the N agents, which then save ordinary checkpoints.
 Each supported algorithm's update below mirrors its `train_step` (same losses, same random draws in the same
 order, the same step order: Diffusion-QL's actor loss sees the stepped critic, IDQL's critic the stepped
 value, as phases of vmapped losses and stacked steps); tests/test_ensemble.py holds them equal to N separate
-runs with injected noise. Supported: BC, Diffusion BC, Diffusion-QL, IDQL and FQL (its default order,
-`sequential_steps: false`); the planners (Diffuser, Decision Diffuser) and the others are refused by name.
+runs with injected noise. Supported: BC, Diffusion BC, Diffusion-QL, IDQL, FQL (its default order,
+`sequential_steps: false`) and EDP; the planners (Diffuser, Decision Diffuser) and the others are refused by name.
 
 `train_ensemble(cfg, device, seeds)` is train.py with `seeds=[...]` or `ensemble=N`: one run folder per seed,
 the one it would have alone, with today's checkpoint format.
@@ -136,6 +136,61 @@ def dql_actor_losses(agent: Agent, batch: dict[str, Tensor]) -> Losses:
                                                              "actor/q_loss": q_loss.detach()}
 
 
+def edp_losses(agent: Agent, batch: dict[str, Tensor]) -> Losses:
+    """EDP's losses, all on the pre-step networks (`loss_type: iql` after its value step: `edp_value_losses`)."""
+    cfg = agent.config
+    obs, act, next_obs = batch["obs"], batch["act"], batch["next_obs"]
+    not_done = cfg.discount * (1.0 - batch["terminal"])
+    # 1. critic target (td3): the next action from the target policy
+    if cfg.loss_type == "td3":
+        with torch.no_grad():
+            prior = next_obs.new_zeros(next_obs.shape[0], agent.act_dim)
+            next_act, _ = agent.actor.sample(prior, solver=cfg.solver, steps=cfg.sampling_steps, condition_cfg=next_obs,
+                                             use_ema=True)
+            target = batch["rew"] + not_done * agent.critic_target.q_min(next_obs, next_act)
+    # 2. action approximation from one network call on the noised dataset action
+    x_t, t, eps = agent.actor.add_noise(act)
+    out = agent.actor.model["diffusion"](x_t, t, obs)
+    diff_loss = F.mse_loss(out, eps if cfg.predict == "eps" else act)
+    if cfg.predict == "eps":
+        alpha, sigma = agent.actor.schedule.alpha(t).to(act.dtype)[:, None], agent.actor.schedule.sigma(t).to(act.dtype)[:, None]
+        out = (x_t - sigma * out) / alpha
+    a0 = out.clamp(-1.0, 1.0)
+    # 3. policy term: one critic's normalized Q (td3), or the advantage-weighted likelihood with the stepped V (iql)
+    metrics: dict[str, Tensor] = {}
+    if cfg.loss_type == "td3":
+        q1_pi, q2_pi = detached(agent.critic, obs, a0)  # the Q term trains the actor only
+        flip = torch.randint(2, (), device=obs.device).float()
+        q_pi = torch.lerp(q1_pi, q2_pi, flip)
+        guide_loss = -cfg.alpha * q_pi.mean() / q_pi.abs().mean().detach()
+    else:
+        with torch.no_grad():
+            q_data = agent.critic_target.q_min(obs, act)
+            v = agent.value(obs).squeeze(-1)
+            weights = torch.exp((q_data - v) * cfg.awr_temperature).clamp(max=100.0)
+            target = batch["rew"] + not_done * agent.value(next_obs).squeeze(-1)
+        log_prob = -0.5 * (act - a0).square().sum(-1) - 0.5 * agent.act_dim * math.log(2 * math.pi)
+        guide_loss = -(weights * log_prob).mean()
+        metrics = {"value/v_mean": v.mean()}
+    # 4. each critic's regression onto the target
+    q1, q2 = agent.critic(obs, act)
+    loss1, loss2 = F.mse_loss(q1, target), F.mse_loss(q2, target)
+    return ({"actor": diff_loss + guide_loss, "q1": loss1, "q2": loss2},
+            {"actor/bc_loss": diff_loss.detach(), "actor/q_loss": guide_loss.detach(),
+             "critic/loss": (loss1 + loss2).detach(), "critic/q_mean": q1.detach().mean(),
+             "critic/target_mean": target.mean(), **metrics})
+
+
+def edp_value_losses(agent: Agent, batch: dict[str, Tensor]) -> Losses:
+    """EDP `loss_type: iql`, step 3a: V(s)'s expectile regression onto the target critics' min Q(s, a)."""
+    with torch.no_grad():
+        q_data = agent.critic_target.q_min(batch["obs"], batch["act"])
+    diff = q_data - agent.value(batch["obs"]).squeeze(-1)
+    weight = torch.where(diff > 0, agent.config.expectile, 1.0 - agent.config.expectile)
+    value_loss = (weight * diff.square()).mean()
+    return {"value": value_loss}, {"value/loss": value_loss.detach()}
+
+
 def idql_value_losses(agent: Agent, batch: dict[str, Tensor]) -> Losses:
     obs, act = batch["obs"], batch["act"]
     # 1. value: expectile regression onto the target critic
@@ -243,9 +298,8 @@ class AgentEnsemble:
                 model = getattr(self.template, name)
                 model.updates += 1
                 ema, online = self.stacked(f"{name}.model_ema."), self.stacked(f"{name}.model.")
-                if getattr(cfg, "ema_warmup", "copy") == "hold":  # Diffusion-QL's original rule (see its after_step)
-                    k = model.updates - 1
-                    if k >= cfg.ema_start and k % cfg.ema_every == 0:
+                if getattr(cfg, "ema_warmup", "copy") == "hold":  # the original's rule (the agent's after_step)
+                    if self.template.ema_holds_average(model.updates):
                         torch._foreach_lerp_(ema, online, 1.0 - cfg.ema_rate)
                 elif model.updates <= model.ema_start:
                     torch._foreach_copy_(ema, online)
@@ -342,6 +396,23 @@ def _dql_update(ens: AgentEnsemble, batch: dict[str, Tensor]) -> dict[str, Tenso
             "critic/target_mean": metrics["critic/target_mean"]}
 
 
+def _edp_update(ens: AgentEnsemble, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """EDP: (iql: the value's step first), then the policy and both critics step from the pre-step networks'
+    losses, then the target critics."""
+    ens.template.actor.model.train()
+    value_metrics = {}
+    if ens.template.config.loss_type == "iql":
+        losses, value_metrics = ens.per_seed(edp_value_losses, batch)
+        value_metrics["value/grad_norm"] = ens.optimize(losses)["value"]
+    losses, metrics = ens.per_seed(edp_losses, batch)
+    norms = ens.optimize(losses)
+    with torch.no_grad():
+        torch._foreach_lerp_(ens.stacked("critic_target."), ens.stacked("critic."), ens.template.config.tau)
+    v_mean = {"value/v_mean": metrics.pop("value/v_mean")} if value_metrics else {}
+    return {**metrics, "actor/grad_norm": norms["actor"], "critic/grad_norm": torch.hypot(norms["q1"], norms["q2"]),
+            **value_metrics, **v_mean}
+
+
 def _idql_update(ens: AgentEnsemble, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """IDQL: per critic batch a value step, a critic step on the stepped value and the target critic; then the
     behavior model's denoising step on the first batch."""
@@ -367,13 +438,15 @@ def split_seed_batches(batch: dict[str, Tensor], count: int) -> list[dict[str, T
 
 UPDATES: dict[str, Callable[[AgentEnsemble, dict[str, Tensor]], dict[str, Tensor]]] = {
     "bc": _bc_update, "diffusion_bc": _diffusion_bc_update, "fql": _fql_update, "dql": _dql_update,
-    "idql": _idql_update}
+    "idql": _idql_update, "edp": _edp_update}
 # Optimizers whose gradient a separate run clips, and the norm it clips to
 MAX_NORMS: dict[str, dict[str, Callable[[Agent], float | None]]] = {
     "diffusion_bc": {"actor": lambda agent: agent.actor.grad_clip_norm},
     "fql": {"flow": lambda agent: agent.flow.grad_clip_norm},
     "dql": {"actor": lambda agent: agent.actor.grad_clip_norm, "critic": lambda agent: agent.config.grad_norm or None},
-    "idql": {"actor": lambda agent: agent.actor.grad_clip_norm}}
+    "idql": {"actor": lambda agent: agent.actor.grad_clip_norm},
+    "edp": {"actor": lambda agent: agent.actor.grad_clip_norm, "q1": lambda agent: agent.config.grad_norm or None,
+            "q2": lambda agent: agent.config.grad_norm or None, "value": lambda agent: agent.config.grad_norm or None}}
 
 
 # ---- training: train.py with seeds=[...] or ensemble=N ----------------------------------------------------

@@ -17,11 +17,14 @@ OBS, ACT, B, N, UPDATES_RUN = 5, 3, 32, 3, 20
 SMALL = {"bc": {"hidden_dim": 32}, "diffusion_bc": {"hidden_dim": 32, "ema_start": 5, "ema_every": 2},
          "fql": {"hidden_dim": 32, "normalize_q_loss": True},
          "dql": {"hidden_dim": 32, "critic_hidden": 32, "ema_start": 5, "ema_every": 2, "grad_norm": 0.5},
-         "idql": {"hidden_dim": 32, "critic_hidden": 32, "dropout": 0.0, "ema_start": 5, "lr_decay_steps": 30}}
+         "idql": {"hidden_dim": 32, "critic_hidden": 32, "dropout": 0.0, "ema_start": 5, "lr_decay_steps": 30},
+         "edp": {"hidden_dim": 32, "critic_hidden": 32, "ema_start": 5, "ema_every": 2, "grad_norm": 0.5,
+                 "sampling_steps": 3}}
 CASES = [("bc", {}), ("diffusion_bc", {}), ("diffusion_bc", {"bc_updates": 1, "time": "discrete", "clip": 0.05}),
          ("fql", {}), ("fql", {"q_agg": "min", "normalize_q_loss": False, "clip": 0.05}),  # clip: per-seed clipping
          ("dql", {}), ("dql", {"bc_updates": 1, "ema_warmup": "hold", "time": "discrete", "grad_norm": 0.0}),
-         ("idql", {}), ("idql", {"critic_updates": 2, "backbone": "mlp"})]
+         ("idql", {}), ("idql", {"critic_updates": 2, "backbone": "mlp"}),
+         ("edp", {}), ("edp", {"loss_type": "iql", "ema_warmup": "hold", "predict": "x0", "grad_norm": 0.0})]
 
 
 @contextlib.contextmanager
@@ -127,7 +130,7 @@ def test_ensemble_seeds_draw_their_own_noise():
 
 def test_ensemble_refuses_unsupported():
     """Planners are refused by name, as is FQL's sequential order."""
-    assert set(UPDATES) == {"bc", "diffusion_bc", "fql", "dql", "idql"}
+    assert set(UPDATES) == {"bc", "diffusion_bc", "fql", "dql", "idql", "edp"}
     with pytest.raises(ValueError, match="support"):
         AgentEnsemble([get_algorithm("diffuser")(OBS, ACT, {"horizon": 8, "model_dim": 16, "dim_mults": [1, 2]},
                                                  device="cpu")])

@@ -104,11 +104,15 @@ class DiffusionQL(CandidateActing, Agent):
         if cfg.ema_warmup == "copy":
             return super().after_step()
         self.updates += 1
-        k, self.actor.updates = self.actor.updates, self.actor.updates + 1
-        if k >= cfg.ema_start and k % cfg.ema_every == 0:
+        self.actor.updates += 1
+        if self.ema_holds_average(self.actor.updates):
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.actor.model_ema.parameters()), list(self.actor.model.parameters()),
                                      1.0 - cfg.ema_rate)
+
+    def ema_holds_average(self, n: int) -> bool:
+        """`ema_warmup: hold`: whether the EMA averages after update n (from 1), i.e. k = n - 1 (from 0)."""
+        return n - 1 >= self.config.ema_start and (n - 1) % self.config.ema_every == 0
 
     def _sample(self, obs: Tensor, *, use_ema: bool, requires_grad: bool = False) -> Tensor:
         prior = obs.new_zeros(obs.shape[0], self.act_dim)

@@ -117,11 +117,14 @@ class EDP(CandidateActing, Agent):
             return super().after_step()
         self.updates += 1
         self.actor.updates += 1
-        n = self.actor.updates
-        if n > cfg.ema_start and n % cfg.ema_every == 0:
+        if self.ema_holds_average(self.actor.updates):
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.actor.model_ema.parameters()), list(self.actor.model.parameters()),
                                      1.0 - cfg.ema_rate)
+
+    def ema_holds_average(self, n: int) -> bool:
+        """`ema_warmup: hold`: whether the EMA averages after update n (from 1)."""
+        return n > self.config.ema_start and n % self.config.ema_every == 0
 
     def _critic_step(self, q1: Tensor, q2: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Each critic's MSE to `target`, one step each with its own clipping: (loss Q1 + Q2, both grad norms)."""

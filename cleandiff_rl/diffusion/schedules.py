@@ -72,11 +72,9 @@ class NoiseSchedule:
         """
         if self.kind == "discrete":
             raise ValueError("velocity prediction (predict='v') needs continuous time: v = dx_t/dt")
-        with torch.enable_grad():
-            t = torch.as_tensor(t, dtype=torch.float64).detach().requires_grad_(True)
-            d_alpha = torch.autograd.grad(self.alpha(t).sum(), t)[0]
-            d_sigma = torch.autograd.grad(self.sigma(t).sum(), t)[0]
-        return d_alpha, d_sigma
+        t = torch.as_tensor(t, dtype=torch.float64).detach()
+        # torch.func.grad, not autograd.grad: it also runs inside vmap (a seed ensemble's sampler)
+        return (torch.func.grad(lambda s: self.alpha(s).sum())(t), torch.func.grad(lambda s: self.sigma(s).sum())(t))
 
 
 def _log_sigma_vp(log_alpha: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ Each supported algorithm's update below mirrors its `train_step` (same losses, s
 order, the same step order: Diffusion-QL's actor loss sees the stepped critic, IDQL's critic the stepped
 value, as phases of vmapped losses and stacked steps); tests/test_ensemble.py holds them equal to N separate
 runs with injected noise. Supported: BC, Diffusion BC, Diffusion-QL, IDQL, FQL (its default order,
-`sequential_steps: false`) and EDP; the planners (Diffuser, Decision Diffuser) and the others are refused by name.
+`sequential_steps: false`), EDP and DAC; the planners (Diffuser, Decision Diffuser) and the others are refused by name.
 
 `train_ensemble(cfg, device, seeds)` is train.py with `seeds=[...]` or `ensemble=N`: one run folder per seed,
 the one it would have alone, with today's checkpoint format.
@@ -41,6 +41,7 @@ from tqdm import tqdm
 from cleandiff_rl.agents import Agent, get_algorithm
 from cleandiff_rl.agents.acting import act_only_settings
 from cleandiff_rl.agents.base import make_config
+from cleandiff_rl.agents.dac import q_guidance
 from cleandiff_rl.data import load_dataset
 from cleandiff_rl.evaluation import evaluate
 from cleandiff_rl.training import (_rng_state, _set_rng_state, changed_settings, dataset_env_id, log_evaluation, new_agent,
@@ -191,6 +192,36 @@ def edp_value_losses(agent: Agent, batch: dict[str, Tensor]) -> Losses:
     return {"value": value_loss}, {"value/loss": value_loss.detach()}
 
 
+def dac_critic_losses(agent: Agent, batch: dict[str, Tensor]) -> Losses:
+    cfg = agent.config
+    obs, act, next_obs = batch["obs"], batch["act"], batch["next_obs"]
+    b, n = obs.shape[0], cfg.num_q_samples
+    # 1. critic: lower confidence bound over the heads of the mean Q of n EMA-actor actions at s'
+    with torch.no_grad():
+        next_rep = next_obs.repeat_interleave(n, 0)
+        next_q = agent.critic_target(next_rep, agent._sample(next_rep, use_ema=True)).reshape(-1, b, n).mean(-1)
+        next_v = next_q.mean(0) - cfg.rho * next_q.std(0, correction=0)
+        target = batch["rew"] * agent.reward_scale + cfg.discount * (1.0 - batch["terminal"]) * next_v
+    qs = agent.critic(obs, act)
+    critic_loss = (qs - target).square().mean()
+    return {"critic": critic_loss}, {"critic/loss": critic_loss.detach(), "critic/q_mean": qs.detach().mean(),
+                                     "critic/q_std": qs.detach().std(0, correction=0).mean(),
+                                     "critic/target_mean": target.mean()}
+
+
+def dac_actor_losses(agent: Agent, batch: dict[str, Tensor]) -> Losses:
+    obs, act = batch["obs"], batch["act"]
+    # 3. actor: noise regression with the target shifted by the normalized Q gradient at the noisy action
+    noisy, t, eps = agent.actor.add_noise(act)
+    sigma = agent.actor.schedule.sigma(t).to(act.dtype)[:, None]
+    q_grad = q_guidance(agent.critic_target, obs, noisy.detach(), act)
+    pred = agent.actor.model["diffusion"](noisy, t, obs)
+    bc_loss = (pred - eps).square().mean()
+    guidance_loss = (sigma * q_grad * pred).mean()
+    return {"actor": agent.eta * bc_loss + guidance_loss}, {"actor/bc_loss": bc_loss.detach(),
+                                                             "actor/guidance_loss": guidance_loss.detach()}
+
+
 def idql_value_losses(agent: Agent, batch: dict[str, Tensor]) -> Losses:
     obs, act = batch["obs"], batch["act"]
     # 1. value: expectile regression onto the target critic
@@ -305,13 +336,14 @@ class AgentEnsemble:
                     torch._foreach_copy_(ema, online)
                 elif model.updates % model.ema_every == 0:
                     torch._foreach_lerp_(ema, online, 1.0 - model.ema_rate)
-        if getattr(cfg, "lr_decay_steps", 0):  # IDQL's cosine actor lr (see its after_step)
-            lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(self.updates / cfg.lr_decay_steps, 1.0)))
-            for group in self.optimizers["actor"].param_groups:
-                if isinstance(group["lr"], Tensor):
-                    group["lr"].fill_(lr)
-                else:
-                    group["lr"] = lr
+        if getattr(cfg, "lr_decay_steps", 0):  # IDQL's and DAC's cosine lrs (see their after_step)
+            decay = 0.5 * (1.0 + math.cos(math.pi * min(self.updates / cfg.lr_decay_steps, 1.0)))
+            for key, field in self.template.decaying_lrs.items():
+                for group in self.optimizers[key].param_groups:
+                    if isinstance(group["lr"], Tensor):
+                        group["lr"].fill_(getattr(cfg, field) * decay)
+                    else:
+                        group["lr"] = getattr(cfg, field) * decay
 
     def update(self, batch: dict[str, Tensor]) -> list[dict[str, float]]:
         """`step` then `after_step`; each seed's metrics as floats (FloatingPointError on NaN/inf)."""
@@ -413,6 +445,26 @@ def _edp_update(ens: AgentEnsemble, batch: dict[str, Tensor]) -> dict[str, Tenso
             **value_metrics, **v_mean}
 
 
+def _dac_update(ens: AgentEnsemble, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """DAC: the critic's step, the target critics, the actor's step on the new targets, then each seed's eta by
+    dual ascent on its BC loss."""
+    cfg = ens.template.config
+    ens.template.actor.model.train()
+    losses, metrics = ens.per_seed(dac_critic_losses, batch)
+    critic_grad = ens.optimize(losses)["critic"]
+    with torch.no_grad():
+        torch._foreach_lerp_(ens.stacked("critic_target."), ens.stacked("critic."), cfg.tau)
+    losses, actor_metrics = ens.per_seed(dac_actor_losses, batch)
+    actor_grad = ens.optimize(losses)["actor"]
+    eta = ens.buffers["eta"]
+    if cfg.eta_lr > 0:
+        with torch.no_grad():
+            eta.add_(cfg.eta_lr * (actor_metrics["actor/bc_loss"] - cfg.bc_threshold).clamp(-1.0, 1.0))
+            eta.clamp_(cfg.eta_min, cfg.eta_max)
+    return {**actor_metrics, "actor/eta": eta.clone(), "actor/grad_norm": actor_grad, **metrics,
+            "critic/grad_norm": critic_grad}
+
+
 def _idql_update(ens: AgentEnsemble, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """IDQL: per critic batch a value step, a critic step on the stepped value and the target critic; then the
     behavior model's denoising step on the first batch."""
@@ -438,7 +490,7 @@ def split_seed_batches(batch: dict[str, Tensor], count: int) -> list[dict[str, T
 
 UPDATES: dict[str, Callable[[AgentEnsemble, dict[str, Tensor]], dict[str, Tensor]]] = {
     "bc": _bc_update, "diffusion_bc": _diffusion_bc_update, "fql": _fql_update, "dql": _dql_update,
-    "idql": _idql_update, "edp": _edp_update}
+    "idql": _idql_update, "edp": _edp_update, "dac": _dac_update}
 # Optimizers whose gradient a separate run clips, and the norm it clips to
 MAX_NORMS: dict[str, dict[str, Callable[[Agent], float | None]]] = {
     "diffusion_bc": {"actor": lambda agent: agent.actor.grad_clip_norm},
@@ -446,7 +498,8 @@ MAX_NORMS: dict[str, dict[str, Callable[[Agent], float | None]]] = {
     "dql": {"actor": lambda agent: agent.actor.grad_clip_norm, "critic": lambda agent: agent.config.grad_norm or None},
     "idql": {"actor": lambda agent: agent.actor.grad_clip_norm},
     "edp": {"actor": lambda agent: agent.actor.grad_clip_norm, "q1": lambda agent: agent.config.grad_norm or None,
-            "q2": lambda agent: agent.config.grad_norm or None, "value": lambda agent: agent.config.grad_norm or None}}
+            "q2": lambda agent: agent.config.grad_norm or None, "value": lambda agent: agent.config.grad_norm or None},
+    "dac": {"actor": lambda agent: agent.actor.grad_clip_norm, "critic": lambda agent: agent.config.grad_norm or None}}
 
 
 # ---- training: train.py with seeds=[...] or ensemble=N ----------------------------------------------------

@@ -19,12 +19,15 @@ SMALL = {"bc": {"hidden_dim": 32}, "diffusion_bc": {"hidden_dim": 32, "ema_start
          "dql": {"hidden_dim": 32, "critic_hidden": 32, "ema_start": 5, "ema_every": 2, "grad_norm": 0.5},
          "idql": {"hidden_dim": 32, "critic_hidden": 32, "dropout": 0.0, "ema_start": 5, "lr_decay_steps": 30},
          "edp": {"hidden_dim": 32, "critic_hidden": 32, "ema_start": 5, "ema_every": 2, "grad_norm": 0.5,
-                 "sampling_steps": 3}}
+                 "sampling_steps": 3},
+         "dac": {"hidden_dim": 32, "critic_hidden": 32, "num_qs": 3, "num_q_samples": 2, "ema_start": 5, "ema_every": 2,
+                 "grad_norm": 0.5, "lr_decay_steps": 30, "eta_lr": 0.05, "bc_threshold": 0.5}}
 CASES = [("bc", {}), ("diffusion_bc", {}), ("diffusion_bc", {"bc_updates": 1, "time": "discrete", "clip": 0.05}),
          ("fql", {}), ("fql", {"q_agg": "min", "normalize_q_loss": False, "clip": 0.05}),  # clip: per-seed clipping
          ("dql", {}), ("dql", {"bc_updates": 1, "ema_warmup": "hold", "time": "discrete", "grad_norm": 0.0}),
          ("idql", {}), ("idql", {"critic_updates": 2, "backbone": "mlp"}),
-         ("edp", {}), ("edp", {"loss_type": "iql", "ema_warmup": "hold", "predict": "x0", "grad_norm": 0.0})]
+         ("edp", {}), ("edp", {"loss_type": "iql", "ema_warmup": "hold", "predict": "x0", "grad_norm": 0.0}),
+         ("dac", {}), ("dac", {"ema_warmup": "hold", "eta_lr": 0.0, "grad_norm": 0.0})]
 
 
 @contextlib.contextmanager
@@ -130,7 +133,7 @@ def test_ensemble_seeds_draw_their_own_noise():
 
 def test_ensemble_refuses_unsupported():
     """Planners are refused by name, as is FQL's sequential order."""
-    assert set(UPDATES) == {"bc", "diffusion_bc", "fql", "dql", "idql", "edp"}
+    assert set(UPDATES) == {"bc", "diffusion_bc", "fql", "dql", "idql", "edp", "dac"}
     with pytest.raises(ValueError, match="support"):
         AgentEnsemble([get_algorithm("diffuser")(OBS, ACT, {"horizon": 8, "model_dim": 16, "dim_mults": [1, 2]},
                                                  device="cpu")])

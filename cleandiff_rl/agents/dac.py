@@ -118,6 +118,14 @@ class QEnsemble(nn.Module):
         return x.squeeze(-1)
 
 
+def q_guidance(critic: nn.Module, obs: Tensor, noisy: Tensor, act: Tensor) -> Tensor:
+    """The gradient at the noisy action of the heads' mean Q, over their mean |Q(s, a)| on the batch (torch.func,
+    so that it also runs inside a seed ensemble's vmap)."""
+    with torch.enable_grad():
+        grad = torch.func.grad(lambda x: critic(obs, x).mean(0).sum())(noisy)
+    return grad / (critic(obs, act).abs().mean() + EPS)
+
+
 class DAC(CandidateActing, Agent):
     name = "dac"
     Config = DACConfig
@@ -126,6 +134,7 @@ class DAC(CandidateActing, Agent):
     selections = ("argmax", "softmax", "sample", "mode", "auto")
     auto_selection = "argmax"
     mode_name = "actor's mode"
+    decaying_lrs = {"actor": "lr", "critic": "critic_lr"}  # optimizer -> its config lr, decayed by cosine
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | DACConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)
@@ -179,19 +188,23 @@ class DAC(CandidateActing, Agent):
             super().after_step()
         else:
             self.updates += 1
-            k, self.actor.updates = self.actor.updates, self.actor.updates + 1
-            if k > cfg.ema_start and k % cfg.ema_every == 0:
+            self.actor.updates += 1
+            if self.ema_holds_average(self.actor.updates):
                 with torch.no_grad():
                     torch._foreach_lerp_(list(self.actor.model_ema.parameters()),
                                          list(self.actor.model.parameters()), 1.0 - cfg.ema_rate)
         if cfg.lr_decay_steps:
             decay = 0.5 * (1.0 + math.cos(math.pi * min(self.updates / cfg.lr_decay_steps, 1.0)))
-            for opt, lr in ((self.actor.optimizer, cfg.lr), (self.critic_optimizer, cfg.critic_lr)):
-                for group in opt.param_groups:
+            for key, field in self.decaying_lrs.items():
+                for group in self.optimizers()[key].param_groups:
                     if isinstance(group["lr"], Tensor):
-                        group["lr"].fill_(lr * decay)
+                        group["lr"].fill_(getattr(cfg, field) * decay)
                     else:
-                        group["lr"] = lr * decay
+                        group["lr"] = getattr(cfg, field) * decay
+
+    def ema_holds_average(self, n: int) -> bool:
+        """`ema_warmup: hold`: whether the EMA averages after update n (from 1), i.e. k = n - 1 (from 0)."""
+        return n - 1 > self.config.ema_start and (n - 1) % self.config.ema_every == 0
 
     def _sample(self, obs: Tensor, *, use_ema: bool) -> Tensor:
         prior = obs.new_zeros(obs.shape[0], self.act_dim)
@@ -222,10 +235,7 @@ class DAC(CandidateActing, Agent):
         # 3. actor: noise regression with the target shifted by the normalized Q gradient at the noisy action
         noisy, t, eps = self.actor.add_noise(act)
         sigma = self.actor.schedule.sigma(t).to(act.dtype)[:, None]
-        with torch.enable_grad():
-            x = noisy.detach().requires_grad_(True)
-            q_grad = torch.autograd.grad(self.critic_target(obs, x).mean(0).sum(), x)[0]
-        q_grad = q_grad / (self.critic_target(obs, act).abs().mean() + EPS)
+        q_grad = q_guidance(self.critic_target, obs, noisy.detach(), act)
         net = self.actor.model["diffusion"]
         pred = net(noisy, t, obs)
         bc_loss = (pred - eps).square().mean()

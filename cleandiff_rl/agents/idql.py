@@ -70,6 +70,7 @@ class IDQL(CandidateActing, Agent):
     selections = ("argmax", "sample", "mode", "softmax", "expectile", "auto")
     auto_selection = "argmax"
     mode_name = "behavior mode"
+    decaying_lrs = {"actor": "lr"}  # optimizer -> its config lr, decayed by cosine (`after_step`)
 
     def __init__(self, obs_dim: int, act_dim: int, config: dict | IDQLConfig | None = None, **kwargs):
         super().__init__(obs_dim, act_dim, config, **kwargs)

@@ -410,6 +410,31 @@ def seed_cells(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return cells
 
 
+# What a policy should reach against BC, by the data's level (the suite's targets): the first level the name holds
+BC_MARGINS = {"medium-replay": 5.0, "medium-expert": -2.0, "expert": -2.0}
+
+
+def bc_margin(dataset_name: str) -> float | None:
+    """The target margin over BC for a dataset whose name gives its level; None where it gives none."""
+    return next((margin for level, margin in BC_MARGINS.items() if level in dataset_name), None)
+
+
+def against_bc(cells: dict[tuple[str, str], dict], labels: list[str], datasets: list[Dataset]) -> str:
+    """Each policy's score minus BC's (± the s.e. of the difference) per dataset and, where the dataset's name
+    gives its level, whether that meets the target margin (`BC_MARGINS`)."""
+    def cell(label: str, d: Dataset) -> str:
+        mine, bc = cells.get((label, d.name)), cells.get(("bc", d.name))
+        if mine is None or bc is None:
+            return ""
+        diff = mine["score_mean"] - bc["score_mean"]
+        ses = [c["score_se"] for c in (mine, bc) if c["score_se"] is not None]
+        text = f"{diff:+.1f}" + (f" ± {math.hypot(*ses):.1f}" if len(ses) == 2 else "")
+        margin = bc_margin(d.name)
+        return text if margin is None else f"{text} ({'meets' if diff >= margin else 'misses'} {margin:+g})"
+    return format_table(["algo", *(d.name for d in datasets)], [[label, *(cell(label, d) for d in datasets)]
+                                                                 for label in labels], "l" + "r" * len(datasets))
+
+
 def report_page(rows: list[dict], datasets: list[Dataset], cfg: DictConfig, figure: str, command: str,
                 host: str, date: str) -> str:
     """The suite's results as one Markdown page: algorithm x dataset (the dataset's average and BC first, as
@@ -444,6 +469,12 @@ def report_page(rows: list[dict], datasets: list[Dataset], cfg: DictConfig, figu
         table, "",
         *(["Acting chosen per checkpoint (`selection: auto`):", *notes, ""] if notes else []),
         f"![normalized score per algorithm and dataset, s.e. as error bars]({figure})", "",
+        *(["## Against BC", "",
+           "Each policy's score minus BC's, ± the standard error of the difference. Where the dataset's name gives "
+           "its level, the target it meets or misses: at least BC + 5 on medium-replay data, at least BC - 2 on "
+           "expert and medium-expert data.", "",
+           against_bc(cells, [label for label in order if label not in references], datasets), ""]
+          if "bc" in labels else []),
         "## How this page was made", "",
         f"- command: `{command}`",
         f"- preset: `{cfg.suite_name}` (updates: {budget}; batch sizes: "

@@ -841,7 +841,8 @@ def test_the_results_page_averages_over_training_seeds_with_the_references_first
     rows += [row("bc", "bc", seed, score) for seed, score in zip((0, 1, 2), (40.0, 44.0, 51.0))]
     text = report_page(rows, [dataset], cfg, "cpu.png", "python pipelines/benchmark_suite.py seeds=[0,1,2]",
                        "a CPU, 2 cores, no GPU; torch 2", "2026-01-01 00:00 UTC")
-    table = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
+    main, against = text.split("## Against BC")
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in main.splitlines() if line.startswith("| ")]
     assert table == [["algo", "acting", "updates", "hopper-medium"],
                      ["dataset average (reference)", "", "", "44.3"],
                      ["bc (reference)", "", "10", f"45.0 ± {np.std([40, 44, 51], ddof=1) / np.sqrt(3):.1f}"],
@@ -849,6 +850,24 @@ def test_the_results_page_averages_over_training_seeds_with_the_references_first
     assert "mean ± standard error over 3 training seeds (0, 1, 2)" in text and "](cpu.png)" in text
     assert "- command: `python pipelines/benchmark_suite.py seeds=[0,1,2]`" in text and "- date: 2026-01-01" in text
     assert "- machine: a CPU, 2 cores, no GPU; torch 2" in text and "- preset: `smoke`" in text
+    versus = [[c.strip() for c in line.split("|")[1:-1]] for line in against.splitlines() if line.startswith("| ")]
+    se = np.hypot(np.std([50, 56, 59], ddof=1), np.std([40, 44, 51], ddof=1)) / np.sqrt(3)
+    assert versus == [["algo", "hopper-medium"], ["idql", f"+10.0 ± {se:.1f}"]]  # medium data: no target
+
+
+def test_the_results_page_says_where_a_policy_misses_its_target_against_bc():
+    """On data whose name gives its level the page names the target margin over BC and whether it is met."""
+    from cleandiff_rl.benchmarking import bc_margin
+    assert [bc_margin(n) for n in ("hopper-medium-replay", "x_medium-expert-v0", "heldout_hopper_expert-v0",
+                                   "hopper-medium", "mine/robot/v0")] == [5.0, -2.0, -2.0, None, None]
+    cfg = compose_config(["suite=smoke", "algos=[dql,bc]"], config_name="benchmark_suite")
+    datasets = resolve_datasets(["hopper-medium-replay", "hopper-medium-expert"])
+    scores = {("bc", 0): 20.0, ("bc", 1): 90.0, ("dql", 0): 24.0, ("dql", 1): 89.0}
+    rows = [{"label": algo, "algo": algo, "dataset": d.name, "seed": 0, "score_mean": scores[algo, i],
+             "score_se": 1.0, "steps": 10, "updates_per_second": None, "acting": None, "same_as_default": False,
+             "rule": ""} for algo in ("dql", "bc") for i, d in enumerate(datasets)]
+    against = report_page(rows, datasets, cfg, "f.png", "cmd", "host", "date").split("## Against BC")[1]
+    assert "| dql  | +4.0 ± 1.4 (misses +5) | -1.0 ± 1.4 (meets -2) |" in against
 
 
 def test_suite_presets_state_one_budget_and_scale_learning_rates_with_the_batch():

@@ -508,6 +508,11 @@ def run_suite(cfg: DictConfig) -> list[dict]:
             raise ValueError(f"the suite preset {cfg.suite_name!r} sets no budget for {algo!r} (steps.{algo})")
     if not isinstance(cfg.checkpoints, int) or cfg.checkpoints < 1:
         raise ValueError(f"checkpoints={cfg.checkpoints}: the suite evaluates the last N >= 1 checkpoints")
+    for algo in algos:  # the last `checkpoints` kept checkpoints must exist when training ends
+        if cfg.checkpoints > 1 and cfg.checkpoints * int(cfg.checkpoint_every[algo]) > int(cfg.steps[algo]):
+            raise ValueError(f"steps.{algo}={cfg.steps[algo]} keeps fewer than the last {cfg.checkpoints} checkpoints "
+                             f"(checkpoint_every.{algo}={cfg.checkpoint_every[algo]}) the suite evaluates: lower "
+                             f"checkpoint_every.{algo}, or pass checkpoints=1")
     wall_budget(cfg.max_minutes)
     page = None if cfg.get("report") is None else Path(cfg.report)
     if page is not None and page.suffix != ".md":

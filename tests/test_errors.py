@@ -152,6 +152,8 @@ def run(tmp_path: Path, script: str, *args: str, **env: str) -> subprocess.Compl
     ("train", ["algo=dql", "steps=[1,"], "error: cannot read the override 'steps=[1,' (no viable alternative"),
     ("sweep", ["checkpoint=policy.pt", "solvers=[ddim,rk4]"], "error: unknown solver 'rk4' in solvers; valid: ddpm, "),
     ("benchmark_suite", ["datasets=[hopper-nope]"], "error: unknown dataset 'hopper-nope': neither a task ("),
+    ("benchmark_suite", ["algos=[dac]", "steps.dac=3000"],
+     "error: steps.dac=3000 keeps fewer than the last 3 checkpoints (checkpoint_every.dac=2000) the suite evaluates"),
     ("distill", ["checkpoint=missing.pt", "nfe=0"], "error: nfe=0 is out of range; accepted: an integer >= 1"),
 ])
 def test_a_mistake_is_one_line_exit_2_and_leaves_nothing(tmp_path, monkeypatch, script, args, line):

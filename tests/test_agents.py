@@ -793,7 +793,8 @@ def test_suite_pools_the_last_checkpoints_evaluations(hopper_random, tmp_path):
     assert "- command: `python " in text and f"episodes=4 run_dir={out} report={page}`" in text
     assert "- preset: `smoke`" in text and "torch " in text and " cores" in text
     assert "one training seed (0): ± is the standard error over its 4 evaluation episodes, pooled over the last 2" in text
-    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+    main, against = text.split("## Against BC")
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in main.splitlines()
              if line.startswith("| ") and "---" not in line}
     average = rows[0]["score_mean"]
     assert lines["dataset average (reference)"] == ["", "", f"{average:.1f}"]
@@ -802,6 +803,12 @@ def test_suite_pools_the_last_checkpoints_evaluations(hopper_random, tmp_path):
         assert lines[label][1:] == ["10", f"{row['score_mean']:.1f} ± {row['score_se']:.1f}"], label
     assert lines["fql"][0] == "preset: selection=auto" and lines["fql (paper)"][0] == "paper's: selection=sample"
     assert list(lines)[:3] == ["algo", "dataset average (reference)", "bc (reference)"]
+    versus = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in against.splitlines()
+              if line.startswith("| ") and "---" not in line}
+    [bc] = [r for r in rows if r["label"] == "bc"]
+    for row in rows[1:]:
+        if row["label"] != "bc":  # the test data's name gives no level: the difference alone
+            assert versus[row["label"]].split(" ± ")[0] == f"{row['score_mean'] - bc['score_mean']:+.1f}", row["label"]
     bad = subprocess.run([*command[:-2], "episodes=3", f"run_dir={tmp_path / 'bad'}"], env=env, capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "episodes=3 must split evenly over checkpoints=2" in bad.stderr

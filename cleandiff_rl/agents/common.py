@@ -88,6 +88,17 @@ def diffusion_actor(cfg: DiffusionActorConfig, act_dim: int, obs_dim: int, *, gr
     return diffusion_model(cfg, backbone, x_min=-1.0, x_max=1.0, grad_clip_norm=grad_clip_norm, device=device)
 
 
+def held_ema_step(agent: Any) -> None:
+    """`ema_warmup: hold` bookkeeping after an update: count it, and average the actor's EMA where the agent's
+    original rule (`agent.ema_holds_average(n)`, n counted from 1) says; before that the EMA keeps its weights."""
+    agent.updates += 1
+    agent.actor.updates += 1
+    if agent.ema_holds_average(agent.actor.updates):
+        with torch.no_grad():
+            torch._foreach_lerp_(list(agent.actor.model_ema.parameters()), list(agent.actor.model.parameters()),
+                                 1.0 - agent.config.ema_rate)
+
+
 class TwinQ(nn.Module):
     """Two independent Q(s, a) MLPs (clipped double Q)."""
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from cleandiff_rl.agents.acting import CandidateActing, SelectionConfig, act_setting, sample_candidates
 from cleandiff_rl.agents.base import Agent
-from cleandiff_rl.agents.common import ACTOR_BACKBONES, DiffusionActorConfig, diffusion_model
+from cleandiff_rl.agents.common import ACTOR_BACKBONES, DiffusionActorConfig, diffusion_model, held_ema_step
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
 
@@ -187,12 +187,7 @@ class DAC(CandidateActing, Agent):
         if cfg.ema_warmup == "copy":
             super().after_step()
         else:
-            self.updates += 1
-            self.actor.updates += 1
-            if self.ema_holds_average(self.actor.updates):
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(self.actor.model_ema.parameters()),
-                                         list(self.actor.model.parameters()), 1.0 - cfg.ema_rate)
+            held_ema_step(self)
         if cfg.lr_decay_steps:
             decay = 0.5 * (1.0 + math.cos(math.pi * min(self.updates / cfg.lr_decay_steps, 1.0)))
             for key, field in self.decaying_lrs.items():

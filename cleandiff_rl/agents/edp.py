@@ -36,7 +36,7 @@ from torch import Tensor
 
 from cleandiff_rl.agents.acting import CandidateActing, SelectionConfig, act_setting, sample_candidates
 from cleandiff_rl.agents.base import Agent
-from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_actor
+from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_actor, held_ema_step
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
 
@@ -112,15 +112,9 @@ class EDP(CandidateActing, Agent):
         """`ema_warmup: copy`: every DiffusionModel's EMA rule (`ema_update`). `hold`: the original's target policy
         (dql.py `train`): after update n (from 1) it averages when n > ema_start and n % ema_every == 0, and keeps
         its initial weights before."""
-        cfg = self.config
-        if cfg.ema_warmup == "copy":
+        if self.config.ema_warmup == "copy":
             return super().after_step()
-        self.updates += 1
-        self.actor.updates += 1
-        if self.ema_holds_average(self.actor.updates):
-            with torch.no_grad():
-                torch._foreach_lerp_(list(self.actor.model_ema.parameters()), list(self.actor.model.parameters()),
-                                     1.0 - cfg.ema_rate)
+        held_ema_step(self)
 
     def ema_holds_average(self, n: int) -> bool:
         """`ema_warmup: hold`: whether the EMA averages after update n (from 1)."""

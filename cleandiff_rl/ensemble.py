@@ -48,7 +48,7 @@ from cleandiff_rl.training import (_rng_state, _set_rng_state, changed_settings,
                                    wall_budget)
 from cleandiff_rl.utils import (CudaGraphStep, Preemption, exclusive_run_dir, finite_floats, keep_latest,
                                 load_checkpoint, resolve_device, seed_everything)
-from cleandiff_rl.utils.optim import use_fused_step
+from cleandiff_rl.utils.optim import cosine_decay_lrs, use_fused_step
 
 Losses = tuple[dict[str, Tensor], dict[str, Tensor]]  # per optimizer its loss, and the metrics
 
@@ -337,13 +337,7 @@ class AgentEnsemble:
                 elif model.updates % model.ema_every == 0:
                     torch._foreach_lerp_(ema, online, 1.0 - model.ema_rate)
         if getattr(cfg, "lr_decay_steps", 0):  # IDQL's and DAC's cosine lrs (see their after_step)
-            decay = 0.5 * (1.0 + math.cos(math.pi * min(self.updates / cfg.lr_decay_steps, 1.0)))
-            for key, field in self.template.decaying_lrs.items():
-                for group in self.optimizers[key].param_groups:
-                    if isinstance(group["lr"], Tensor):
-                        group["lr"].fill_(getattr(cfg, field) * decay)
-                    else:
-                        group["lr"] = getattr(cfg, field) * decay
+            cosine_decay_lrs(self.optimizers, cfg, self.template.decaying_lrs, self.updates)
 
     def update(self, batch: dict[str, Tensor]) -> list[dict[str, float]]:
         """`step` then `after_step`; each seed's metrics as floats (FloatingPointError on NaN/inf)."""

@@ -35,6 +35,7 @@ from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import ACTOR_BACKBONES, DiffusionActorConfig, diffusion_model, held_ema_step
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
+from cleandiff_rl.utils.optim import cosine_decay_lrs
 
 EPS = 1e-6  # the original's guard on the Q normalizer
 
@@ -189,13 +190,7 @@ class DAC(CandidateActing, Agent):
         else:
             held_ema_step(self)
         if cfg.lr_decay_steps:
-            decay = 0.5 * (1.0 + math.cos(math.pi * min(self.updates / cfg.lr_decay_steps, 1.0)))
-            for key, field in self.decaying_lrs.items():
-                for group in self.optimizers()[key].param_groups:
-                    if isinstance(group["lr"], Tensor):
-                        group["lr"].fill_(getattr(cfg, field) * decay)
-                    else:
-                        group["lr"] = getattr(cfg, field) * decay
+            cosine_decay_lrs(self.optimizers(), cfg, self.decaying_lrs, self.updates)
 
     def ema_holds_average(self, n: int) -> bool:
         """`ema_warmup: hold`: whether the EMA averages after update n (from 1), i.e. k = n - 1 (from 0)."""

@@ -18,7 +18,6 @@ Rewards are scaled by 1000 / (max - min episode return) of the dataset, as in th
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +29,7 @@ from cleandiff_rl.agents.base import Agent
 from cleandiff_rl.agents.common import DiffusionActorConfig, TwinQ, diffusion_actor
 from cleandiff_rl.nn.layers import mlp
 from cleandiff_rl.utils import optimizer_step, soft_update
+from cleandiff_rl.utils.optim import cosine_decay_lrs
 
 
 @dataclass
@@ -99,12 +99,7 @@ class IDQL(CandidateActing, Agent):
         """The base bookkeeping (EMA), then the actor's next lr: lr (1 + cos(pi k / D)) / 2 after k updates."""
         super().after_step()
         if self.config.lr_decay_steps:
-            lr = self.config.lr * 0.5 * (1.0 + math.cos(math.pi * min(self.updates / self.config.lr_decay_steps, 1.0)))
-            for group in self.actor.optimizer.param_groups:
-                if isinstance(group["lr"], Tensor):
-                    group["lr"].fill_(lr)
-                else:  # a checkpoint written before the lr was a tensor
-                    group["lr"] = lr
+            cosine_decay_lrs(self.optimizers(), self.config, self.decaying_lrs, self.updates)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor": self.actor.optimizer, "critic": self.critic_optimizer, "value": self.value_optimizer}

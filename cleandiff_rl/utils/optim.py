@@ -46,6 +46,21 @@ def use_fused_step(optimizer: torch.optim.Optimizer, device: torch.device) -> No
 
 
 @torch.no_grad()
+def cosine_decay_lrs(optimizers: Mapping[str, torch.optim.Optimizer], config: object, decaying: Mapping[str, str],
+                     updates: int) -> None:
+    """Set each named optimizer's lr to its config lr (`decaying`: optimizer -> config field) times the cosine
+    factor (1 + cos(pi k / D)) / 2 after k = `updates` of D = `config.lr_decay_steps`; a tensor lr in place (what
+    a captured CUDA graph reads), a float one (older checkpoints) replaced."""
+    decay = 0.5 * (1.0 + math.cos(math.pi * min(updates / config.lr_decay_steps, 1.0)))
+    for key, field in decaying.items():
+        lr = getattr(config, field) * decay
+        for group in optimizers[key].param_groups:
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+
 def soft_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
     """Polyak averaging, target <- tau * online + (1 - tau) * target (tau = 0.005 in SAC, DQL and IDQL)."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)

@@ -45,7 +45,6 @@ def use_fused_step(optimizer: torch.optim.Optimizer, device: torch.device) -> No
             group["fused"] = fused or None
 
 
-@torch.no_grad()
 def cosine_decay_lrs(optimizers: Mapping[str, torch.optim.Optimizer], config: object, decaying: Mapping[str, str],
                      updates: int) -> None:
     """Set each named optimizer's lr to its config lr (`decaying`: optimizer -> config field) times the cosine
@@ -61,6 +60,7 @@ def cosine_decay_lrs(optimizers: Mapping[str, torch.optim.Optimizer], config: ob
                 group["lr"] = lr
 
 
+@torch.no_grad()
 def soft_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
     """Polyak averaging, target <- tau * online + (1 - tau) * target (tau = 0.005 in SAC, DQL and IDQL)."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
